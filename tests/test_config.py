@@ -1,0 +1,88 @@
+"""Config: types, presets, unknown keys, CLI parsing, save/load round trip."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+from config import Config, ConfigError, PRESETS, load_config, make_config, parse_cli, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_cpu_preset():
+    cfg = parse_cli([])
+    assert cfg.preset == "cpu" and cfg.model == "transunet_small" and cfg.data_dir is None
+    assert cfg.in_channels == 2
+
+
+def test_precedence_defaults_preset_cli():
+    assert parse_cli(["--preset=paper"]).model == "transunet_r50_vit_b16"
+    cfg = parse_cli(["--preset=paper", "--model=unet_resnet34", "--lr=3e-4"])
+    assert cfg.model == "unet_resnet34" and cfg.lr == 3e-4 and cfg.optimizer == "sgd"
+    # the order of arguments does not matter: the preset is applied first
+    assert parse_cli(["--lr=3e-4", "--preset=paper"]).lr == 3e-4
+
+
+def test_value_types():
+    cfg = parse_cli(["--epochs=3", "--lr=1", "--data_dir=/data/x y", "--ct_window=(-100, 250)",
+                     "--bce_pos_weight=10", "--augment=False", "--amp=True", "--tta"])
+    assert cfg.epochs == 3 and isinstance(cfg.lr, float) and cfg.lr == 1.0
+    assert cfg.data_dir == "/data/x y" and cfg.ct_window == (-100, 250)
+    assert cfg.bce_pos_weight == 10.0 and isinstance(cfg.bce_pos_weight, float)
+    assert cfg.augment is False and cfg.amp == "True" and cfg.tta is True
+    assert parse_cli(["--resume=None"]).resume is None
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("--epoch=3", ["--epoch", "did you mean --epochs"]),
+    ("--epochs=3.5", ["--epochs", "int"]),
+    ("--img_size=100", ["img_size", "16"]),
+    ("--preset=gpu", ["preset", "gpu"]),
+    ("--tversky_weighting=inverted", ["tversky_weighting"]),
+    ("epochs=3", ["--key=value"]),
+])
+def test_bad_values_are_rejected_with_a_clear_message(arg, words):
+    with pytest.raises(ConfigError) as err:
+        parse_cli([arg])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        parse_cli([]).epochs = 3  # nothing mutates the config after parsing
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        assert make_config({"preset": name}).preset == name
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = parse_cli(["--preset=tiny", "--ct_window=(-200,300)", "--bce_pos_weight=5",
+                     "--data_dir=/d"])
+    save_config(cfg, tmp_path / "run" / "config.json", extra={"environment": {"torch": "x"}})
+    payload = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert payload["environment"] == {"torch": "x"}
+    assert load_config(tmp_path / "run") == cfg
+    # a saved config is not re-interpreted through a preset: values stay exactly as saved
+    assert load_config(tmp_path / "run" / "config.json").epochs == cfg.epochs
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path)
+
+
+def test_unknown_key_on_the_command_line_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "main.py", "--no_such_key=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--no_such_key" in proc.stderr and "Traceback" not in proc.stderr
