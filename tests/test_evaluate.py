@@ -1,0 +1,247 @@
+"""inference.predict_volume, NIfTI output, post-processing, overlays and the test.py CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import inference
+import test as evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeStudy:
+    """The part of data.CachedStudy that predict_volume reads: image() (Z, 2, X, Y), shape."""
+
+    def __init__(self, image: np.ndarray):
+        self._image = image.astype(np.float16)
+        self.shape = (image.shape[2], image.shape[3], image.shape[0])
+
+    def image(self):
+        return self._image
+
+
+def random_study(z=5, x=12, y=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return FakeStudy(rng.uniform(-1, 1, (z, 2, x, y)))
+
+
+def conv_model(in_channels, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Conv2d(in_channels, 1, 3, padding=1)
+
+
+def test_predict_volume_shape_and_range():
+    study = random_study()
+    prob = inference.predict_volume(conv_model(2), study, img_size=16, batch_size=2,
+                                    device="cpu")
+    assert prob.shape == (12, 10, 5) and prob.dtype == np.float32
+    assert (prob > 0).all() and (prob < 1).all()
+
+
+def test_context_channels_match_the_dataset_and_clamp_at_the_ends():
+    # a 1x1 conv that reads PET of slice z+1 (channel 2*2+1 for context 1): output = sigmoid(it)
+    study = random_study(z=4, x=8, y=8)
+    model = torch.nn.Conv2d(6, 1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 5] = 1.0
+    prob = inference.predict_volume(model, study, img_size=8, device="cpu", context_slices=1)
+    image = study.image().astype(np.float32)
+    for z in range(4):
+        expected = 1 / (1 + np.exp(-image[min(z + 1, 3), 1]))  # (X, Y)
+        np.testing.assert_allclose(prob[:, :, z], expected, rtol=1e-5)
+    np.testing.assert_array_equal(inference.context_indices(3, 1), [[0, 0, 1], [0, 1, 2],
+                                                                     [1, 2, 2]])
+
+
+def test_flip_tta_is_the_mean_of_flipped_predictions():
+    study = random_study(x=16, y=12)
+    model = conv_model(2, seed=1)  # not flip-equivariant, so each term differs
+    kw = dict(img_size=16, batch_size=3, device="cpu")
+    tta = inference.predict_volume(model, study, tta=True, **kw)
+    plain = inference.predict_volume(model, study, **kw)
+    image = study.image()
+    fx = inference.predict_volume(model, FakeStudy(image[:, :, ::-1].copy()), **kw)[::-1]
+    fy = inference.predict_volume(model, FakeStudy(image[:, :, :, ::-1].copy()), **kw)[:, ::-1]
+    np.testing.assert_allclose(tta, (plain + fx + fy) / 3, atol=1e-6)
+    assert np.abs(tta - plain).max() > 1e-4
+
+
+def test_flip_equivariant_model_gives_flipped_prediction():
+    # a symmetric kernel commutes with flips; so must slicing, resizing and restacking
+    model = torch.nn.Conv2d(2, 1, 3, padding=1)
+    with torch.no_grad():
+        k = torch.rand(1, 2, 3, 3)
+        model.weight.copy_((k + k.flip(-1) + k.flip(-2) + k.flip(-1, -2)) / 4)
+    study = random_study(x=20, y=14)
+    kw = dict(img_size=32, device="cpu")
+    prob = inference.predict_volume(model, study, **kw)
+    flipped = inference.predict_volume(model, FakeStudy(study.image()[:, :, ::-1].copy()), **kw)
+    np.testing.assert_allclose(flipped[::-1], prob, atol=1e-5)
+    tta = inference.predict_volume(model, study, tta=True, **kw)
+    np.testing.assert_allclose(tta, prob, atol=1e-5)
+
+
+def test_model_mode_is_restored():
+    model = conv_model(2).train()
+    inference.predict_volume(model, random_study(), img_size=16, device="cpu")
+    assert model.training
+
+
+def test_nifti_round_trip_keeps_affine_and_shape(tmp_path):
+    affine = np.array([[-2.04, 0, 0, 10.5], [0, 2.04, 0, -200.0], [0, 0, 3.0, -650.25],
+                       [0, 0, 0, 1]])
+    mask = np.zeros((7, 6, 5), bool)
+    mask[2:4, 1:3, 1:4] = True
+    path = tmp_path / "pred" / "case_1.nii.gz"
+    evaluation.save_mask_nifti(mask, affine, path)
+    image = nib.load(path)
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    assert image.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(image.dataobj), mask.astype(np.uint8))
+    assert [p.name for p in path.parent.iterdir()] == ["case_1.nii.gz"]  # no temp file left
+
+
+def test_postprocess_drops_small_components_and_low_suv():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1:4, 1:4, 1:4] = True  # 27 voxels = 0.216 ml at 2 mm
+    mask[7, 7, 7] = True  # 1 voxel = 0.008 ml
+    suv = np.full(mask.shape, 3.0)
+    suv[1, 1, 1] = 0.5
+    out = evaluation.postprocess_mask(mask, spacing=(2, 2, 2), suv=suv, suv_floor=1.0,
+                                      min_component_ml=0.1)
+    assert out.sum() == 26 and not out[7, 7, 7] and not out[1, 1, 1]
+    assert evaluation.postprocess_mask(mask, spacing=(2, 2, 2)).sum() == 28  # disabled
+
+
+def test_overlay_png_written(tmp_path):
+    rng = np.random.default_rng(0)
+    suv = rng.uniform(0, 5, (16, 12, 10)).astype(np.float32)
+    ref = np.zeros(suv.shape, bool)
+    ref[4:7, 4:7, 3:6] = True
+    pred = np.roll(ref, 1, axis=0)
+    path = tmp_path / "overlays" / "c.png"
+    evaluation.save_overlay(suv, ref, pred, (2.0, 2.0, 3.0), path, title="c")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evaluation.save_overlay(suv, ref * 0, pred * 0, (2.0, 2.0, 3.0), path)  # empty: no error
+
+
+def test_csv_columns_and_nan(tmp_path):
+    row = {"case_id": "a", **evaluation.case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)),
+                                                      (1, 1, 1))}
+    evaluation.write_per_case_csv([row], tmp_path / "per_case.csv")
+    header, line = (tmp_path / "per_case.csv").read_text().splitlines()
+    assert header.split(",")[:13] == list(evaluation.CSV_COLUMNS)
+    assert line.split(",")[2] == "nan"
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + MedPy: ~30 s on 2 busy cores
+def test_cli_user_errors_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "test.py", f"--run_dir={tmp_path / 'missing'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "test.py", f"--run_dir={tmp_path}",
+                           f"--predict_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--output_dir" in proc.stderr
+
+
+# ---- evaluate() / predict_dir() on a small phantom run -------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    """A run directory as main.py writes it (config.json, split.json, cases.json, a
+    checkpoint), built directly from the data package, with a one-layer conv model."""
+    import config
+    import data
+    from data.phantom import generate
+    from data.split import save_split
+
+    base = tmp_path_factory.mktemp("evalrun")
+    generate(base / "phantom", 4, size="unit", seed=0, progress=False)
+    cfg = config.make_config({"preset": "tiny", "cache_dir": str(base / "cache"),
+                              "data_dir": str(base / "phantom"), "min_component_ml": 0.05,
+                              "n_bootstrap": 20})
+    refs = data.find_studies(base / "phantom")
+    studies = data.prepare_cache(refs, base / "cache" / "studies", progress=False)
+    run_dir = base / "runs" / "tiny"
+    split = {"train": [], "val": [], "test": sorted(s.case_id for s in studies)[:3]}
+    (run_dir / "checkpoints").mkdir(parents=True)
+    config.save_config(cfg, run_dir / "config.json")
+    save_split(split, run_dir / "split.json")
+    (run_dir / "cases.json").write_text(__import__("json").dumps([s.directory for s in studies]))
+    model = PetThreshold()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()},
+               run_dir / "checkpoints" / "best.pt")
+    return run_dir, base
+
+
+class PetThreshold(torch.nn.Module):
+    """logit = 20 * (PET channel - 0.0): 'SUV > suv_max / 2' - a deterministic toy model."""
+
+    def __init__(self, in_channels=2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 1] = 20.0
+            self.conv.bias.fill_(-20.0 * -0.7)  # SUV > 3 at suv_max 20
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.fixture()
+def toy_models(monkeypatch):
+    import models
+    monkeypatch.setattr(models, "build_model", lambda name, **kw: PetThreshold(kw["in_channels"]),
+                        raising=False)
+
+
+def test_evaluate_writes_the_run_contract(tiny_run_dir, toy_models):
+    import csv
+    import json
+
+    run_dir, base = tiny_run_dir
+    summary = evaluation.evaluate(run_dir, progress=False)
+    rows = list(csv.DictReader(open(run_dir / "eval" / "per_case.csv")))
+    assert list(rows[0])[:13] == list(evaluation.CSV_COLUMNS)
+    test_ids = json.loads((run_dir / "split.json").read_text())["test"]
+    assert [r["case_id"] for r in rows] == test_ids
+    assert summary["n_studies"] == 3 and "postprocessed" in summary
+    assert json.loads((run_dir / "eval" / "summary.json").read_text())["n_studies"] == 3
+    for case_id in test_ids:
+        cached = [s for s in map(__import__("data").cache.load_cached,
+                                 json.loads((run_dir / "cases.json").read_text()))
+                  if s.case_id == case_id][0]
+        image = nib.load(run_dir / "eval" / "predictions" / f"{case_id}.nii.gz")
+        assert image.shape == tuple(cached.shape)
+        np.testing.assert_allclose(image.affine, np.asarray(cached.affine), atol=1e-5)
+        assert (run_dir / "eval" / "overlays" / f"{case_id}.png").is_file()
+    assert rows[0]["mask_from"] == "original"
+    # the same run evaluated twice gives the same file
+    before = (run_dir / "eval" / "per_case.csv").read_text()
+    evaluation.evaluate(run_dir, progress=False)
+    assert (run_dir / "eval" / "per_case.csv").read_text() == before
+
+
+def test_predict_dir_never_writes_into_input(tiny_run_dir, toy_models, tmp_path):
+    run_dir, base = tiny_run_dir
+    before = sorted(p for p in (base / "phantom").rglob("*"))
+    written = evaluation.predict_dir(run_dir, base / "phantom", tmp_path / "masks", progress=False)
+    assert len(written) == 4 and all(p.parent == tmp_path / "masks" for p in written)
+    assert sorted(p for p in (base / "phantom").rglob("*")) == before
+    with pytest.raises(evaluation.EvaluationError, match="inside"):
+        evaluation.predict_dir(run_dir, base / "phantom", base / "phantom" / "out")
+
+
+def test_evaluate_missing_checkpoint_is_a_user_error(tiny_run_dir, toy_models):
+    run_dir, _ = tiny_run_dir
+    with pytest.raises(evaluation.EvaluationError, match="last.pt"):
+        evaluation.evaluate(run_dir, checkpoint="last", progress=False)

@@ -1,0 +1,221 @@
+"""test.case_metrics / summarise_cohort against MedPy and hand-computed volumes."""
+
+import math
+
+import numpy as np
+import pytest
+from medpy.metric import binary as mp
+
+import test as evaluation
+
+
+def cube(shape, lo, size):
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[tuple(slice(a, a + size) for a in lo)] = 1
+    return mask
+
+
+SHAPE = (24, 20, 18)
+
+
+# ---- empty-case policy: all four combinations ---------------------------------------------
+
+def test_both_empty():
+    m = evaluation.case_metrics(np.zeros(SHAPE), np.zeros(SHAPE), (1.0, 1.0, 1.0))
+    assert m["has_tumor"] is False
+    for key in ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "precision", "fnv_ml"):
+        assert math.isnan(m[key]), key
+    assert m["fpv_ml"] == 0.0
+    assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (0, 0, 0)
+    assert m["pred_volume_ml"] == m["ref_volume_ml"] == 0.0
+
+
+def test_empty_reference_prediction_present():
+    pred = cube(SHAPE, (2, 2, 2), 3)
+    m = evaluation.case_metrics(pred, np.zeros(SHAPE), (2.0, 2.0, 3.0))
+    assert m["has_tumor"] is False
+    for key in ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "fnv_ml"):
+        assert math.isnan(m[key]), key
+    assert m["precision"] == 0.0
+    assert m["fpv_ml"] == pytest.approx(27 * 12 / 1000)
+    assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (0, 0, 1)
+
+
+def test_empty_prediction_reference_present():
+    ref = cube(SHAPE, (2, 2, 2), 3)
+    m = evaluation.case_metrics(np.zeros(SHAPE), ref, (2.0, 2.0, 3.0))
+    assert m["has_tumor"] is True
+    assert m["dice"] == 0.0 and m["iou"] == 0.0 and m["sensitivity"] == 0.0
+    for key in ("hd95_mm", "assd_mm", "precision"):
+        assert math.isnan(m[key]), key
+    assert m["fpv_ml"] == 0.0
+    assert m["fnv_ml"] == pytest.approx(27 * 12 / 1000)
+    assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (1, 0, 0)
+
+
+def test_both_present_matches_medpy():
+    rng = np.random.default_rng(0)
+    ref = cube(SHAPE, (4, 5, 3), 6)
+    pred = cube(SHAPE, (6, 4, 4), 5)
+    pred[rng.random(SHAPE) > 0.995] = 1  # scattered false positives
+    spacing = (0.8, 1.3, 3.0)
+    m = evaluation.case_metrics(pred, ref, spacing)
+    assert m["dice"] == pytest.approx(mp.dc(pred, ref), abs=1e-12)
+    assert m["iou"] == pytest.approx(mp.jc(pred, ref), abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(mp.recall(pred, ref), abs=1e-12)
+    assert m["precision"] == pytest.approx(mp.precision(pred, ref), abs=1e-12)
+    # bounding-box crop: bit-identical to MedPy on the full volume
+    assert m["hd95_mm"] == mp.hd95(pred, ref, voxelspacing=spacing)
+    assert m["assd_mm"] == mp.assd(pred, ref, voxelspacing=spacing)
+
+
+# ---- hand-made volumes with known answers --------------------------------------------------
+
+def test_anisotropic_known_distances():
+    # Two 3x3x3 cubes 10 voxels apart along z, spacing 3 mm in z (0.5 and 2 mm in-plane).
+    # Surface voxels (all but the centre) of the z=2,3,4 layers of one cube lie 10, 9, 8 slices
+    # from the nearest surface layer of the other: 30, 27, 24 mm, for 9, 8, 9 voxels.
+    pred = cube((20, 20, 20), (2, 2, 2), 3)
+    ref = cube((20, 20, 20), (2, 2, 12), 3)
+    m = evaluation.case_metrics(pred, ref, (0.5, 2.0, 3.0))
+    assert m["hd95_mm"] == pytest.approx(30.0)
+    assert m["assd_mm"] == pytest.approx((9 * 30 + 8 * 27 + 9 * 24) / 26)
+    assert m["dice"] == 0.0
+    voxel_ml = 0.5 * 2.0 * 3.0 / 1000
+    assert m["fpv_ml"] == pytest.approx(27 * voxel_ml)
+    assert m["fnv_ml"] == pytest.approx(27 * voxel_ml)
+    assert m["pred_volume_ml"] == m["ref_volume_ml"] == pytest.approx(27 * voxel_ml)
+    # axis order matters: the same cubes with the spacing reversed are 5 mm apart per slice
+    assert evaluation.case_metrics(pred, ref, (3.0, 2.0, 0.5))["hd95_mm"] == pytest.approx(5.0)
+
+
+def test_known_overlap():
+    ref = cube(SHAPE, (2, 2, 2), 4)  # 64 voxels
+    pred = cube(SHAPE, (2, 2, 4), 4)  # 64 voxels, 32 shared
+    m = evaluation.case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert m["dice"] == pytest.approx(2 * 32 / 128)
+    assert m["iou"] == pytest.approx(32 / 96)
+    assert m["sensitivity"] == m["precision"] == pytest.approx(0.5)
+    assert m["fpv_ml"] == 0.0 and m["fnv_ml"] == 0.0
+    assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (1, 1, 0)
+
+
+def test_18_connectivity_edge_connects_corner_does_not():
+    spacing = (2.0, 2.0, 2.0)  # 0.008 ml per voxel
+    ref = np.zeros((8, 8, 8), np.uint8)
+    ref[2, 2, 2] = 1
+    # prediction: the hit voxel plus one sharing only an edge -> one component, no FP
+    pred = ref.copy()
+    pred[3, 3, 2] = 1
+    m = evaluation.case_metrics(pred, ref, spacing)
+    assert m["fpv_ml"] == 0.0 and m["n_fp_components"] == 0
+    # ... plus one sharing only a corner -> a separate, false-positive component
+    pred = ref.copy()
+    pred[3, 3, 3] = 1
+    m = evaluation.case_metrics(pred, ref, spacing)
+    assert m["fpv_ml"] == pytest.approx(0.008) and m["n_fp_components"] == 1
+
+    # the same for ground-truth lesions: edge-touching voxels form one lesion (detected)
+    pred = np.zeros_like(ref)
+    pred[2, 2, 2] = 1
+    gt = pred.copy()
+    gt[2, 3, 3] = 1
+    m = evaluation.case_metrics(pred, gt, spacing)
+    assert m["fnv_ml"] == 0.0 and (m["n_lesions"], m["n_lesions_detected"]) == (1, 1)
+    gt = pred.copy()
+    gt[3, 3, 3] = 1  # corner only: a second, missed lesion
+    m = evaluation.case_metrics(pred, gt, spacing)
+    assert m["fnv_ml"] == pytest.approx(0.008) and (m["n_lesions"], m["n_lesions_detected"]) == (2, 1)
+
+
+def test_lesion_counts_several_components():
+    ref = cube(SHAPE, (1, 1, 1), 3) + cube(SHAPE, (10, 10, 10), 3) + cube(SHAPE, (18, 2, 12), 2)
+    pred = cube(SHAPE, (2, 2, 2), 3) + cube(SHAPE, (15, 15, 2), 2)  # hits lesion 1, one FP
+    m = evaluation.case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (3, 1, 1)
+    assert m["fnv_ml"] == pytest.approx((27 + 8) / 1000)
+    assert m["fpv_ml"] == pytest.approx(8 / 1000)
+
+
+# ---- bounding-box crop -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bbox_crop_identical_to_full_volume(seed):
+    rng = np.random.default_rng(seed)
+    shape = (30, 26, 22)
+    pred = np.zeros(shape, np.uint8)
+    ref = np.zeros(shape, np.uint8)
+    for mask in (pred, ref):
+        for _ in range(3):
+            lo = rng.integers(0, np.array(shape) - 4)
+            mask[tuple(slice(a, a + s) for a, s in zip(lo, rng.integers(1, 5, 3)))] = 1
+    ref[0, 5:9, 3:6] = 1  # touches the volume border: the crop must not add a margin there
+    pred[-1, 0, -1] = 1
+    spacing = tuple(rng.uniform(0.5, 4.0, 3))
+    m = evaluation.case_metrics(pred, ref, spacing)
+    assert m["hd95_mm"] == mp.hd95(pred, ref, voxelspacing=spacing)
+    assert m["assd_mm"] == mp.assd(pred, ref, voxelspacing=spacing)
+    box = evaluation._union_bbox(pred != 0, ref != 0)
+    assert all(b.start >= 0 and b.stop <= n for b, n in zip(box, shape))
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        evaluation.case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
+
+
+# ---- cohort ----------------------------------------------------------------------------------
+
+def _rows():
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(12):
+        ref = cube(SHAPE, (3, 3, 3), 4) if i % 2 == 0 else np.zeros(SHAPE, np.uint8)
+        pred = cube(SHAPE, tuple(int(v) for v in rng.integers(2, 6, 3)), 4) if i % 3 else \
+            np.zeros(SHAPE, np.uint8)
+        rows.append({"case_id": f"c{i}", **evaluation.case_metrics(pred, ref, (1.0, 2.0, 3.0))})
+    return rows
+
+
+def test_summary_means_cover_the_right_studies():
+    rows = _rows()
+    s = evaluation.summarise_cohort(rows, n_bootstrap=200, seed=0)
+    assert (s["n_studies"], s["n_tumor"], s["n_tumor_free"]) == (12, 6, 6)
+    tumour = [r for r in rows if r["has_tumor"]]
+    free = [r for r in rows if not r["has_tumor"]]
+    assert s["metrics"]["dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in tumour]))
+    assert s["metrics"]["dice"]["n"] == 6
+    assert s["metrics"]["fpv_ml_tumor_free"]["mean"] == pytest.approx(
+        np.mean([r["fpv_ml"] for r in free]))
+    assert s["metrics"]["fpv_ml"]["n"] == 12
+    hd = [r["hd95_mm"] for r in rows if not math.isnan(r["hd95_mm"])]
+    assert s["metrics"]["hd95_mm"]["n"] == len(hd) and s["metrics"]["hd95_mm"]["mean"] == \
+        pytest.approx(np.mean(hd))
+    tp = sum(r["n_lesions_detected"] for r in rows)
+    fn = sum(r["n_lesions"] for r in rows) - tp
+    fp = sum(r["n_fp_components"] for r in rows)
+    assert s["lesions"]["recall"] == pytest.approx(tp / (tp + fn))
+    assert s["lesions"]["precision"] == pytest.approx(tp / (tp + fp))
+    assert s["lesions"]["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+
+
+def test_bootstrap_ci_contains_mean_and_is_seeded():
+    rows = _rows()
+    s = evaluation.summarise_cohort(rows, n_bootstrap=500, seed=1)
+    for key in ("dice", "fpv_ml", "fpv_ml_tumor_free", "fnv_ml"):
+        low, high = s["metrics"][key]["ci95"]
+        assert low <= s["metrics"][key]["mean"] <= high, key
+    dice_ci = s["metrics"]["dice"]["ci95"]
+    assert dice_ci[0] < dice_ci[1]  # the Dice values differ, so the interval is not a point
+    assert evaluation.summarise_cohort(rows, n_bootstrap=500, seed=1) == s
+
+
+def test_summary_without_tumour_studies_is_nan_not_error():
+    rows = [{"case_id": "a", **evaluation.case_metrics(np.zeros(SHAPE), np.zeros(SHAPE),
+                                                        (1, 1, 1))}]
+    s = evaluation.summarise_cohort(rows, n_bootstrap=10)
+    assert math.isnan(s["metrics"]["dice"]["mean"]) and s["metrics"]["dice"]["n"] == 0
+    assert s["metrics"]["dice"]["ci95"] is None
+    assert math.isnan(s["lesions"]["recall"])
+    text = evaluation.format_summary(s)
+    assert "Dice" in text and "tumour-free" in text
