@@ -47,10 +47,7 @@ def prepare_studies(cfg: config.Config, run_dir: Path) -> tuple[list, dict]:
         data_dir = str(Path(cfg.cache_dir) / "phantom" /
                        f"{cfg.phantom_size}-seed{cfg.phantom_seed}-n{cfg.phantom_cases}")
         generate_phantom(data_dir, cfg.phantom_cases, size=cfg.phantom_size, seed=cfg.phantom_seed)
-    refs = data.find_studies(data_dir, layout=cfg.layout, ct_channel=cfg.ct_channel,
-                             pet_channel=cfg.pet_channel)
-    studies = data.prepare_cache(refs, Path(cfg.cache_dir) / "studies", ct_window=cfg.ct_window,
-                                 suv_max=cfg.suv_max, resample=cfg.resample)
+    studies = test.cache_studies(cfg, data_dir)
     split = data.split_cases(studies, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.split_seed,
                              n_folds=cfg.n_folds, fold=cfg.fold)
     return studies, split

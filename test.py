@@ -368,13 +368,18 @@ def load_run_model(run_dir: Path, cfg: config.Config, checkpoint: str,
     return model.to(device)
 
 
+def cache_studies(cfg: config.Config, data_dir: str, require_mask: bool = True) -> list:
+    """Every study under `data_dir`, preprocessed once into the run's cache (main.py uses it too)."""
+    refs = data.find_studies(data_dir, layout=cfg.layout, ct_channel=cfg.ct_channel,
+                             pet_channel=cfg.pet_channel, require_mask=require_mask)
+    return data.prepare_cache(refs, Path(cfg.cache_dir) / "studies", ct_window=cfg.ct_window,
+                              suv_max=cfg.suv_max, resample=cfg.resample)
+
+
 def _test_studies(run_dir: Path, cfg: config.Config, data_dir: Optional[str]) -> list:
     """The run's test studies (split.json + cases.json), or every labelled study of data_dir."""
     if data_dir is not None:
-        refs = data.find_studies(data_dir, layout=cfg.layout, ct_channel=cfg.ct_channel,
-                                 pet_channel=cfg.pet_channel)
-        return data.prepare_cache(refs, Path(cfg.cache_dir) / "studies", ct_window=cfg.ct_window,
-                                  suv_max=cfg.suv_max)
+        return cache_studies(cfg, data_dir)
     cases_path = run_dir / "cases.json"
     try:
         directories = json.loads(cases_path.read_text())
@@ -535,10 +540,7 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
     settings = _settings(cfg, tta, postprocess, device)
     device = torch.device(settings["device"])
     post = settings["postprocess"]
-    refs = data.find_studies(input_dir, layout=cfg.layout, ct_channel=cfg.ct_channel,
-                             pet_channel=cfg.pet_channel, require_mask=False)
-    studies = data.prepare_cache(refs, Path(cfg.cache_dir) / "studies", ct_window=cfg.ct_window,
-                                 suv_max=cfg.suv_max)
+    studies = cache_studies(cfg, input_dir, require_mask=False)
     model = load_run_model(run_dir, cfg, checkpoint, device)
     amp = cfg.amp == "True" or (cfg.amp == "auto" and device.type == "cuda")
     written = []

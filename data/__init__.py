@@ -3,23 +3,10 @@
     from data import find_studies, load_study
     study = load_study(find_studies("/data/autoPET")[0])   # ct (HU), pet (SUV), mask on one grid
 
-Importing the package is light (numpy, nibabel); pydicom, scipy and PIL load on first use.
+pydicom, scipy and PIL load on first use; the slice dataset needs torch.
 """
+from .cache import CachedStudy, load_cached, prepare_cache
+from .dataset import PetCtSliceDataset, from_model_grid, to_model_grid, worker_init_fn
 from .io import find_studies, load_study
+from .split import load_split, save_split, split_cases
 from .study import DataError, Study, StudyRef
-
-try:  # removed once the modules exist
-    from .cache import CachedStudy, prepare_cache
-except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.cache":
-        raise
-try:  # removed once the modules exist
-    from .split import split_cases
-except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.split":
-        raise
-try:  # removed once the modules exist
-    from .dataset import PetCtSliceDataset, from_model_grid, to_model_grid
-except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.dataset":
-        raise

@@ -15,6 +15,8 @@ import numpy as np
 class DataError(ValueError):
     """A problem with the user's data: the message names the file and what to do."""
 
+    user_error = True  # runtime.exit_on_user_error prints it without a traceback
+
 
 @dataclass
 class Study:

@@ -1,0 +1,285 @@
+"""Preprocess studies once into a memory-mapped cache, one study at a time.
+
+    cache = prepare_cache(find_studies("/data/autoPET"), "cache")   # list[CachedStudy]
+    image = cache[0].image()        # (Z, 2, X, Y) float16 memory map, nothing read yet
+    slice_z = np.asarray(image[40]) # (2, X, Y): one contiguous read
+
+Layout: `cache_dir/<key>/<case_id>/{image.npy, mask.npy, meta.json}` where `<key>` is a short
+hash of the preprocessing parameters and FORMAT_VERSION, so changing `ct_window` or `suv_max`
+writes a new cache beside the old one. Each study's meta.json records a fingerprint of its
+source (paths + sizes + mtimes for a StudyRef, an array hash for an in-memory Study); a study
+whose source changed is rebuilt, an unchanged one is skipped without being read.
+
+Intensities (both channels in [-1, 1], stored as float16: ~3 significant digits, i.e. ~1 HU
+over a 2000 HU window and ~0.01 SUV at suv_max = 20, far below CT and PET noise):
+    ch0 = 2 * (clip(CT, lo, hi) - lo) / (hi - lo) - 1          (ct_window = (lo, hi) in HU)
+    ch1 = 2 * clip(SUV, 0, suv_max) / suv_max - 1
+
+Why Z-major (Z, 2, X, Y): training reads one axial slice (both channels) at a time, and in
+C order that slice is one contiguous block of the file, so a random slice costs one
+sequential read from the memory map instead of X*Y scattered 2-byte reads of an (X, Y, Z)
+array. The mask is (Z, X, Y) for the same reason.
+
+Peak memory is one study: each is loaded, normalised in blocks of slices straight into the
+output file, and dropped before the next one is read. A study is written into a temporary
+folder and renamed into place, so an interrupted run never leaves a half-written study.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from data.study import DataError, Study, StudyRef
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the file layout or the intensity formulas change
+_BLOCK = 16  # slices normalised at once: bounds the temporaries to a few MB per channel
+
+
+@dataclass
+class CachedStudy:
+    """One preprocessed study in the cache (metadata only; arrays are memory-mapped on demand).
+
+    shape: (X, Y, Z) of the source grid; spacing in mm (X, Y, Z); affine (4, 4) voxel -> world
+    as nested lists (JSON); fg_slices: z indices whose mask has at least one tumour voxel.
+    """
+
+    case_id: str
+    patient_id: str
+    source: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: list
+    has_tumor: bool
+    has_mask: bool
+    fg_slices: list[int]
+    directory: str
+
+    def image(self) -> np.ndarray:
+        """Read-only memory map, float16 (Z, 2, X, Y): channel 0 CT, channel 1 SUV, in [-1, 1]."""
+        return np.load(Path(self.directory) / "image.npy", mmap_mode="r")
+
+    def mask(self) -> np.ndarray:
+        """Read-only memory map, uint8 (Z, X, Y) in {0, 1} (all zeros when has_mask is False)."""
+        return np.load(Path(self.directory) / "mask.npy", mmap_mode="r")
+
+
+def cache_key(ct_window: tuple[float, float], suv_max: float) -> str:
+    """Short hash of the preprocessing parameters and FORMAT_VERSION (the cache sub-folder)."""
+    params = {"format": FORMAT_VERSION, "ct_window": [float(v) for v in ct_window],
+              "suv_max": float(suv_max)}
+    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_cached(directory: str | os.PathLike) -> CachedStudy:
+    """Rebuild a CachedStudy from `directory/meta.json` (as written by prepare_cache)."""
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        return CachedStudy(
+            case_id=meta["case_id"], patient_id=meta["patient_id"], source=meta["source"],
+            shape=tuple(meta["shape"]), spacing=tuple(meta["spacing"]), affine=meta["affine"],
+            has_tumor=meta["has_tumor"], has_mask=meta["has_mask"],
+            fg_slices=list(meta["fg_slices"]), directory=str(directory))
+    except FileNotFoundError:
+        raise DataError(f"no cached study at {directory} (missing meta.json); run "
+                        f"prepare_cache again or point to the right cache_dir") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"corrupt cache file {meta_path} ({err}); delete the folder "
+                        f"{directory} and run again to rebuild it") from None
+
+
+def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLike, *,
+                  ct_window: tuple[float, float] = (-1000.0, 1000.0), suv_max: float = 20.0,
+                  resample: bool = False, progress: bool = True) -> list[CachedStudy]:
+    """Preprocess each study (a StudyRef, loaded with data.io.load_study, or a Study) into
+    `cache_dir/<key>/<case_id>/` unless an up-to-date copy is there; return them in order.
+
+    `items` may be a lazy iterator: only one study is held in memory at a time.
+    resample: passed to load_study for refs (CT / mask onto the PET grid when grids differ);
+    it is part of each ref's fingerprint, so toggling it rebuilds those studies.
+    """
+    lo, hi = (float(v) for v in ct_window)
+    if not lo < hi:
+        raise DataError(f"ct_window={tuple(ct_window)}: give (low, high) in HU with low < high")
+    if not suv_max > 0:
+        raise DataError(f"suv_max={suv_max} must be > 0 (SUV is clipped to [0, suv_max])")
+    root = Path(cache_dir) / cache_key((lo, hi), suv_max)
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"format": FORMAT_VERSION, "ct_window": [lo, hi], "suv_max": float(suv_max)}
+    (root / "params.json").write_text(json.dumps(params, indent=1))  # for humans only
+
+    total = len(items) if hasattr(items, "__len__") else None
+    cached, seen = [], set()
+    for item in tqdm(items, total=total, desc="preprocess", unit="study", disable=not progress):
+        if item.case_id in seen:
+            raise DataError(f"two studies share case_id {item.case_id!r} ({_source(item)}); "
+                            f"case ids must be unique, rename one of the folders")
+        seen.add(item.case_id)
+        cached.append(_cache_one(item, root, (lo, hi), float(suv_max), resample))
+    return cached
+
+
+def _source(item: StudyRef | Study) -> str:
+    return item.source if isinstance(item, Study) else str(item.paths)
+
+
+def _cache_one(item: StudyRef | Study, root: Path, ct_window: tuple[float, float],
+               suv_max: float, resample: bool) -> CachedStudy:
+    case_id = item.case_id
+    if not case_id or case_id.startswith(".") or "/" in case_id or os.sep in case_id:
+        raise DataError(f"case_id {case_id!r} of {_source(item)} is not a safe folder name; "
+                        f"use data.study.safe_id to build it")
+    final = root / case_id
+    fingerprint = _fingerprint(item, resample)
+    if _is_fresh(final, fingerprint):
+        return load_cached(final)
+
+    if isinstance(item, StudyRef):
+        from data.io import load_study  # the readers; imported here so tests need only study.py
+        study = load_study(item, resample=resample)
+    else:
+        study = item
+    tmp = root / f".tmp-{case_id}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        meta = _write_study(study, tmp, ct_window, suv_max)
+        meta["fingerprint"] = fingerprint
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed
+    log.debug("cached %s -> %s", case_id, final)
+    return load_cached(final)
+
+
+def _fingerprint(item: StudyRef | Study, resample: bool) -> dict:
+    """What identifies the source: size + mtime of every file for a ref, a content hash for
+    an in-memory Study (it has no files). Folders (DICOM, PNG) are walked file by file."""
+    if isinstance(item, Study):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in ("ct", "pet", "mask"):
+            arr = getattr(item, name)
+            if arr is None:
+                digest.update(b"none")
+                continue
+            if arr.flags.f_contiguous and not arr.flags.c_contiguous:
+                arr = arr.T  # nibabel's Fortran-order arrays: hash without a copy
+            arr = np.ascontiguousarray(arr)
+            digest.update(f"{name}{arr.dtype}{arr.shape}".encode())
+            digest.update(arr.view(np.uint8).reshape(-1))
+        digest.update(np.asarray(item.affine, np.float64).tobytes())
+        return {"kind": "array", "hash": digest.hexdigest()}
+    files = []
+    for role, path in sorted(item.paths.items()):
+        path = Path(path)
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for p in found:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise DataError(f"{p} ({role} of study {item.case_id}) does not exist; "
+                                f"re-run find_studies on the data folder") from None
+            files.append([role, str(p), st.st_size, st.st_mtime_ns])
+    return {"kind": "files", "files": files, "layout": item.layout, "resample": bool(resample),
+            "series_uids": dict(item.series_uids)}
+
+
+def _is_fresh(directory: Path, fingerprint: dict) -> bool:
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    files_there = (directory / "image.npy").is_file() and (directory / "mask.npy").is_file()
+    return files_there and meta.get("format") == FORMAT_VERSION and \
+        meta.get("fingerprint") == fingerprint
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished study into place. A stale copy is moved aside first (a folder cannot
+    be renamed onto a non-empty one), so `final` is always either absent or complete."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:  # another process moved it first
+            old = None
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        # another process (e.g. a second DDP rank) finished the same study first: keep theirs
+        if not final.exists():
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_study(study: Study) -> None:
+    if study.ct.ndim != 3 or study.ct.shape != study.pet.shape:
+        raise DataError(f"study {study.case_id} ({study.source}): CT {study.ct.shape} and PET "
+                        f"{study.pet.shape} must be 3-D arrays on one grid; resample CT to "
+                        f"the PET grid (resample=True)")
+    if study.mask is not None and study.mask.shape != study.pet.shape:
+        raise DataError(f"study {study.case_id} ({study.source}): mask {study.mask.shape} and "
+                        f"PET {study.pet.shape} differ; resample the mask to the PET grid")
+
+
+def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
+                 suv_max: float) -> dict:
+    """Write image.npy / mask.npy into `out` block by block; return the metadata dict."""
+    _check_study(study)
+    nx, ny, nz = study.pet.shape
+    lo, hi = ct_window
+    fg = np.zeros(nz, bool)
+    with open(out / "image.npy", "wb") as f_img, open(out / "mask.npy", "wb") as f_mask:
+        _npy_header(f_img, (nz, 2, nx, ny), np.float16)
+        _npy_header(f_mask, (nz, nx, ny), np.uint8)
+        for z0 in range(0, nz, _BLOCK):
+            z1 = min(z0 + _BLOCK, nz)
+            ct = np.moveaxis(study.ct[:, :, z0:z1], 2, 0).astype(np.float32)  # (k, X, Y)
+            pet = np.moveaxis(study.pet[:, :, z0:z1], 2, 0).astype(np.float32)  # (k, X, Y)
+            if not (np.isfinite(ct).all() and np.isfinite(pet).all()):
+                raise DataError(f"study {study.case_id} ({study.source}) has NaN/inf voxels in "
+                                f"slices {z0}-{z1 - 1}; fix or exclude the study")
+            block = np.empty((z1 - z0, 2, nx, ny), np.float16)  # (k, 2, X, Y)
+            block[:, 0] = (np.clip(ct, lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0
+            block[:, 1] = np.clip(pet, 0.0, suv_max) * (2.0 / suv_max) - 1.0
+            f_img.write(block.tobytes())
+            if study.mask is None:
+                mask = np.zeros((z1 - z0, nx, ny), np.uint8)
+            else:
+                mask = np.ascontiguousarray(np.moveaxis(study.mask[:, :, z0:z1], 2, 0))
+                if mask.size and (mask.min() < 0 or mask.max() > 1):
+                    raise DataError(f"mask of study {study.case_id} ({study.source}) has values "
+                                    f"outside {{0, 1}} (max {mask.max()}); give a binary mask")
+                mask = mask.astype(np.uint8)
+            fg[z0:z1] = mask.any(axis=(1, 2))
+            f_mask.write(mask.tobytes())
+    fg_slices = np.flatnonzero(fg).tolist()
+    return {
+        "format": FORMAT_VERSION, "case_id": study.case_id, "patient_id": study.patient_id,
+        "source": str(study.source), "shape": [nx, ny, nz],
+        "spacing": [float(s) for s in study.spacing],
+        "affine": np.asarray(study.affine, np.float64).tolist(),
+        "has_tumor": bool(fg_slices), "has_mask": study.mask is not None,
+        "fg_slices": fg_slices, "ct_window": [lo, hi], "suv_max": suv_max,
+    }
+
+
+def _npy_header(f, shape: tuple[int, ...], dtype) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": shape}
+    np.lib.format.write_array_header_1_0(f, header)
