@@ -1,0 +1,52 @@
+"""Model registry: `build_model(name, in_channels, num_classes, img_size, pretrained, **options)`.
+
+    from models import build_model, list_models
+    model = build_model("transunet_small", in_channels=2, num_classes=1, img_size=128)
+    logits = model(x)  # (B, 2, 128, 128) -> (B, 1, 128, 128)
+
+Imports torch, timm, smp and numpy only (never data/, loss or config). Details in docs/models.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from .baselines import BASELINES, build_baseline
+from .transunet import OPTIONS, SPECS, TransUNet, TransUNetSpec
+from .weights import WeightsError, load_pretrained
+
+__all__ = ["build_model", "list_models", "WeightsError", "TransUNet", "TransUNetSpec"]
+
+
+def list_models() -> list[str]:
+    """Names build_model accepts (smp baselines beyond these: any `<arch>_<encoder>`)."""
+    return [*SPECS, *BASELINES]
+
+
+def build_model(name: str, in_channels: int = 2, num_classes: int = 1, img_size: int = 224,
+                pretrained: str | Path | None = None, **options) -> nn.Module:
+    """Build a segmentation model returning logits (B, num_classes, S, S) for (B, in_channels, S, S).
+
+    name: a `transunet_*` variant (see SPECS) or an smp baseline `<arch>_<encoder>`.
+    pretrained: None (from scratch, the default) or a local weights file: Google's .npz
+        (transunet_* only) or a torch state_dict; see models/weights.py. Never downloads.
+    options: TransUNet: n_skip, dropout, attn_dropout, drop_path, grad_checkpointing;
+        smp: the architecture's keyword arguments (e.g. decoder_channels). Unknown -> ValueError.
+    """
+    if in_channels < 1 or num_classes < 1:
+        raise ValueError(f"in_channels={in_channels}, num_classes={num_classes}: both must be >= 1")
+    if name in SPECS:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            accepted = "\n  ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            raise ValueError(f"unknown option(s) {unknown} for {name}; accepted:\n  {accepted}")
+        model = TransUNet(SPECS[name], in_channels=in_channels, num_classes=num_classes,
+                          img_size=img_size, name=name, **options)
+    elif name.startswith("transunet"):
+        raise ValueError(f"unknown model '{name}'; TransUNet variants: {list(SPECS)}")
+    else:
+        model = build_baseline(name, in_channels, num_classes, img_size, **options)
+    if pretrained is not None:
+        load_pretrained(model, pretrained, model_name=name)
+    return model
