@@ -1,0 +1,292 @@
+"""The study: a named grid of configurations run through the normal `main.py` path, each seed in
+its own run directory, resumable (finished runs are skipped), collected into a leaderboard.
+
+    python sweep.py --grid=study --budget=cpu              # >= 23 configurations (hours on 2 CPU cores)
+    python sweep.py --grid=headline --budget=cpu           # BCE vs published vs corrected, 3 seeds
+    python sweep.py --grid=study --budget=gpu              # the same grid, longer training, on a GPU
+    python sweep.py --grid=study --budget=cpu --collect_only   # rebuild results/ from finished runs
+
+Writes `results/<grid>-<budget>/leaderboard.{csv,md,png}` and `headline.md` (paired differences
+against the published loss over seeds). Rules followed (shared/STUDY.md): every configuration of
+a budget trains for the same number of optimiser steps with the same batch and schedule; the data
+split is fixed (`split_seed`), seeds change the initialisation and the sampling; test studies are
+never used to choose anything (checkpoints are chosen on validation studies).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import config
+
+# ---- configurations -----------------------------------------------------------------------
+# Loss settings are written out in full for each configuration so that a leaderboard row never
+# depends on a default that might change later.
+BCE = dict(w_bce=1.0, w_tversky=0.0, w_dice=0.0)
+DICE = dict(w_bce=0.0, w_tversky=0.0, w_dice=1.0, dice_log=False)
+PUBLISHED = dict(w_bce=0.6, w_tversky=0.4, w_dice=0.6, tversky_weighting="published",
+                 tversky_fp_weight=0.5, tversky_fn_weight=0.5, tversky_gamma=1.0, dice_log=True)
+CORRECTED = dict(w_bce=0.6, w_tversky=0.4, w_dice=0.6, tversky_weighting="corrected",
+                 tversky_fp_weight=0.5, tversky_fn_weight=0.5, tversky_gamma=1.0, dice_log=False)
+
+
+def focal_tversky(alpha: float, beta: float, gamma: float, weighting: str = "none") -> dict:
+    return dict(w_bce=0.0, w_tversky=1.0, w_dice=0.0, tversky_fp_weight=alpha,
+                tversky_fn_weight=beta, tversky_gamma=gamma, tversky_weighting=weighting)
+
+
+HEADLINE = {
+    "bce_posweight": {**BCE, "bce_pos_weight": 50.0},
+    "published_combined": PUBLISHED,
+    "corrected_combined": CORRECTED,
+}
+
+STUDY = {
+    # losses, TransUNet of the `cpu` preset
+    "bce": BCE,
+    **HEADLINE,
+    "dice": DICE,
+    "dice_log": {**DICE, "dice_log": True},
+    "bce_dice": dict(w_bce=0.5, w_tversky=0.0, w_dice=0.5, dice_log=False),  # TransUNet recipe
+    "tversky_a0.5_b0.5": focal_tversky(0.5, 0.5, 1.0),
+    "tversky_a0.3_b0.7": focal_tversky(0.3, 0.7, 1.0),
+    "focal_tversky_a0.3_b0.7_g0.75": focal_tversky(0.3, 0.7, 0.75),  # Abraham & Khan's 1/gamma=4/3
+    "focal_tversky_a0.3_b0.7_g2": focal_tversky(0.3, 0.7, 2.0),
+    "focal_tversky_published_weighting": focal_tversky(0.5, 0.5, 1.0, "published"),
+    "focal_tversky_corrected_weighting": focal_tversky(0.5, 0.5, 1.0, "corrected"),
+    "published_combined_plain_dice": {**PUBLISHED, "dice_log": False},
+    "corrected_combined_a0.3_b0.7": {**CORRECTED, "tversky_fp_weight": 0.3, "tversky_fn_weight": 0.7},
+    "corrected_combined_sample_reduction": {**CORRECTED, "loss_reduction": "sample"},
+    # sampler
+    "bce_dice_no_oversampling": dict(w_bce=0.5, w_tversky=0.0, w_dice=0.5, fg_fraction=0.0),
+    "published_combined_no_oversampling": {**PUBLISHED, "fg_fraction": 0.0},
+    "corrected_combined_no_oversampling": {**CORRECTED, "fg_fraction": 0.0},
+    # beyond the paper: 2.5-D input
+    "corrected_combined_2.5d": {**CORRECTED, "context_slices": 1},
+    # architectures, corrected combined loss
+    "unet_resnet18": {**CORRECTED, "model": "unet_resnet18"},
+    "unet_resnet34": {**CORRECTED, "model": "unet_resnet34"},
+    "unetplusplus_resnet34": {**CORRECTED, "model": "unetplusplus_resnet34"},
+    "fpn_resnet34": {**CORRECTED, "model": "fpn_resnet34"},
+    "deeplabv3plus_resnet34": {**CORRECTED, "model": "deeplabv3plus_resnet34"},
+    "segformer_mit_b0": {**CORRECTED, "model": "segformer_mit_b0"},
+}
+
+GRIDS = {"study": STUDY, "headline": HEADLINE}
+HEADLINE_SEEDS = (0, 1, 2)
+
+# ---- budgets: the same work for every configuration of a budget ---------------------------
+_STUDY_DATA = dict(phantom_cases=100, phantom_size="demo", n_val=10, n_test=50, split_seed=0)
+BUDGETS = {
+    # ~400 optimiser steps of batch 16 per run on 2 CPU cores
+    "cpu": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,
+                **_STUDY_DATA),
+    # the same grid with 3x the steps for a GPU
+    "gpu": dict(preset="cpu", epochs=12, steps_per_epoch=100, batch_size=16, warmup_steps=60,
+                num_workers=4, **_STUDY_DATA),
+    # machinery check (tests): seconds per run
+    "smoke": dict(preset="tiny", epochs=1, steps_per_epoch=2, batch_size=2, phantom_cases=8,
+                  n_val=2, n_test=2, n_bootstrap=20, save_overlays=False),
+}
+
+
+def run_plan(grid: str, seeds: tuple[int, ...] | None) -> list[tuple[str, int, dict]]:
+    """(configuration, seed, overrides) for every run: headline configurations get 3 seeds."""
+    plan = []
+    for name, overrides in GRIDS[grid].items():
+        run_seeds = seeds or (HEADLINE_SEEDS if name in HEADLINE else (0,))
+        plan += [(name, seed, overrides) for seed in run_seeds]
+    return plan
+
+
+def run_one(name: str, seed: int, overrides: dict, budget: str, runs_dir: Path,
+            extra: dict) -> Path:
+    run_dir = runs_dir / f"{name}-s{seed}"
+    if (run_dir / "eval" / "summary.json").exists():
+        return run_dir  # finished: skipped, so an interrupted sweep resumes
+    settings = {**BUDGETS[budget], **overrides, **extra, "seed": seed,
+                "out_dir": str(runs_dir), "run_name": run_dir.name}
+    config.make_config(settings)  # a bad grid entry fails here, before any training
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        args = [f"--resume={run_dir}"]
+    else:
+        args = [f"--{key}={value!r}" if isinstance(value, str) else f"--{key}={value}"
+                for key, value in settings.items()]
+    started = time.time()
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=Path(__file__).parent)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: run {run_dir} failed (exit {proc.returncode}); fix it and rerun "
+                         "the same sweep command: finished runs are skipped")
+    (run_dir / "wall_seconds.txt").write_text(f"{time.time() - started:.1f}\n")
+    return run_dir
+
+
+# ---- collection ---------------------------------------------------------------------------
+COLUMNS = ["config", "seed", "model", "w_bce", "w_tversky", "w_dice", "tversky_weighting",
+           "tversky_fp_weight", "tversky_fn_weight", "tversky_gamma", "dice_log",
+           "bce_pos_weight", "loss_reduction", "fg_fraction", "context_slices", "steps",
+           "test_dice", "test_dice_ci_low", "test_dice_ci_high", "fpv_ml_tumor_free", "fnv_ml",
+           "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "n_test", "n_test_tumor",
+           "best_val_pseudo_dice", "train_seconds"]
+
+
+def read_run(name: str, seed: int, run_dir: Path) -> dict:
+    """One leaderboard row from a finished run directory (nothing typed by hand)."""
+    cfg = config.load_config(run_dir)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    cohort = summary.get("raw", summary)  # the un-post-processed figures are the headline
+    metrics, lesions = cohort["metrics"], cohort["lesions"]
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [e["val_pseudo_dice"] for e in epochs if e.get("val_pseudo_dice") is not None]
+    row = {key: getattr(cfg, key) for key in COLUMNS if hasattr(cfg, key)}
+    ci = metrics["dice"].get("ci95") or [math.nan, math.nan]
+    row.update(config=name, seed=seed, steps=epochs[-1]["step"] if epochs else 0,
+               test_dice=metrics["dice"]["mean"], test_dice_ci_low=ci[0], test_dice_ci_high=ci[1],
+               fpv_ml_tumor_free=metrics["fpv_ml_tumor_free"]["mean"],
+               fnv_ml=metrics["fnv_ml"]["mean"], hd95_mm=metrics["hd95_mm"]["mean"],
+               lesion_recall=lesions["recall"], lesion_precision=lesions["precision"],
+               lesion_f1=lesions["f1"], n_test=cohort["n_studies"], n_test_tumor=cohort["n_tumor"],
+               best_val_pseudo_dice=max(val) if val else math.nan,
+               train_seconds=round(sum(e.get("time", 0.0) for e in epochs), 1))
+    return row
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean ± standard deviation over seeds, per configuration, best test Dice first."""
+    by_config: dict[str, list[dict]] = {}
+    for row in rows:
+        by_config.setdefault(row["config"], []).append(row)
+    table = []
+    for name, runs in by_config.items():
+        entry = {"config": name, "model": runs[0]["model"], "seeds": len(runs)}
+        for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "hd95_mm", "lesion_f1"):
+            values = [r[key] for r in runs if not math.isnan(r[key])]
+            entry[key] = statistics.fmean(values) if values else math.nan
+            entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        entry["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+        table.append(entry)
+    return sorted(table, key=lambda e: -e["test_dice"] if not math.isnan(e["test_dice"]) else 1)
+
+
+def paired_differences(rows: list[dict], reference: str = "published_combined") -> list[dict]:
+    """Per configuration with several seeds: mean and SD of (config - reference) on the same seed."""
+    ref = {r["seed"]: r for r in rows if r["config"] == reference}
+    out = []
+    for name in sorted({r["config"] for r in rows} - {reference}):
+        pairs = [(r, ref[r["seed"]]) for r in rows if r["config"] == name and r["seed"] in ref]
+        if len(pairs) < 2:
+            continue
+        entry = {"config": name, "vs": reference, "pairs": len(pairs)}
+        for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "lesion_f1"):
+            diffs = [a[key] - b[key] for a, b in pairs if not math.isnan(a[key] - b[key])]
+            entry[key] = statistics.fmean(diffs) if diffs else math.nan
+            entry[key + "_sd"] = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+            # "no difference" unless the mean paired difference exceeds its seed-to-seed spread
+            entry[key + "_verdict"] = ("no difference" if not diffs or len(diffs) < 2
+                                       or abs(entry[key]) <= entry[key + "_sd"] else
+                                       ("higher" if entry[key] > 0 else "lower"))
+        out.append(entry)
+    return out
+
+
+def write_results(rows: list[dict], out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = aggregate(rows)
+    lines = [f"# {title}", "", "| # | configuration | model | seeds | test Dice | FPV ml (tumour-free) "
+             "| FNV ml | HD95 mm | lesion F1 | train s |", "|---" * 10 + "|"]
+    for rank, e in enumerate(table, 1):
+        pm = lambda k: _fmt(e[k]) + ("" if math.isnan(e[k + "_sd"]) else f" ± {_fmt(e[k + '_sd'])}")  # noqa: E731
+        lines.append(f"| {rank} | {e['config']} | {e['model']} | {e['seeds']} | {pm('test_dice')} "
+                     f"| {pm('fpv_ml_tumor_free')} | {pm('fnv_ml')} | {pm('hd95_mm')} "
+                     f"| {pm('lesion_f1')} | {e['train_seconds']:.0f} |")
+    diffs = paired_differences(rows)
+    if diffs:
+        lines += ["", "Paired differences against the published loss (same seed, same split), "
+                  "mean ± SD over seeds; 'no difference' when |mean| <= SD:", "",
+                  "| configuration | pairs | Δ test Dice | Δ FPV ml (tumour-free) | Δ FNV ml "
+                  "| Δ lesion F1 |", "|---" * 6 + "|"]
+        for d in diffs:
+            cell = lambda k: f"{_fmt(d[k])} ± {_fmt(d[k + '_sd'])} ({d[k + '_verdict']})"  # noqa: E731
+            lines.append(f"| {d['config']} | {d['pairs']} | {cell('test_dice')} | "
+                         f"{cell('fpv_ml_tumor_free')} | {cell('fnv_ml')} | {cell('lesion_f1')} |")
+    (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    plot(table, out / "leaderboard.png", title)
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(table) + 1.8), sharey=True)
+    names = [e["config"] for e in table][::-1]
+    for ax, key, label in ((axes[0], "test_dice", "test Dice (tumour studies)"),
+                           (axes[1], "fpv_ml_tumor_free", "FPV ml (tumour-free studies)")):
+        values = [e[key] for e in table][::-1]
+        errors = [0.0 if math.isnan(e[key + "_sd"]) else e[key + "_sd"] for e in table][::-1]
+        ax.barh(names, values, xerr=errors, color="tab:blue" if key == "test_dice" else "tab:red")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    options = dict(grid="study", budget="cpu", seeds=None, runs_dir="runs/study",
+                   results_dir="results", collect_only=False, dry_run=False)
+    extra = {}
+    for arg in argv:
+        key, _, raw = arg.lstrip("-").partition("=")
+        if key in options:
+            options[key] = raw if raw else True
+        else:  # any other --key=value is a config override applied to every run
+            extra[key] = config._parse_value(raw)
+    if options["grid"] not in GRIDS or options["budget"] not in BUDGETS:
+        raise SystemExit(f"error: --grid is one of {sorted(GRIDS)}, --budget one of {sorted(BUDGETS)}")
+    seeds = tuple(int(s) for s in str(options["seeds"]).split(",")) if options["seeds"] else None
+    name = f"{options['grid']}-{options['budget']}"
+    runs_dir = Path(options["runs_dir"]) / name
+    plan = run_plan(options["grid"], seeds)
+    if options["dry_run"]:
+        for config_name, seed, overrides in plan:
+            print(config_name, seed, overrides)
+        return
+    rows = []
+    for i, (config_name, seed, overrides) in enumerate(plan, 1):
+        run_dir = runs_dir / f"{config_name}-s{seed}"
+        if not options["collect_only"]:
+            print(f"[{i}/{len(plan)}] {config_name} seed {seed}", flush=True)
+            run_one(config_name, seed, overrides, options["budget"], runs_dir, extra)
+        if (run_dir / "eval" / "summary.json").exists():
+            rows.append(read_run(config_name, seed, run_dir))
+    write_results(rows, Path(options["results_dir"]) / name,
+                  f"{options['grid']} grid, budget {options['budget']}: {len(rows)} runs")
+    print(f"results: {Path(options['results_dir']) / name}/leaderboard.md")
+
+
+if __name__ == "__main__":
+    with_config_errors = config.ConfigError
+    try:
+        main(sys.argv[1:])
+    except with_config_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
