@@ -40,7 +40,7 @@ def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
     return cfg, Path(cfg.out_dir) / name
 
 
-def prepare_studies(cfg: config.Config, run_dir: Path) -> tuple[list, dict]:
+def prepare_studies(cfg: config.Config) -> tuple[list, dict]:
     """Find (or generate) studies, preprocess them once into the cache, split by patient."""
     data_dir = cfg.data_dir
     if data_dir is None:  # the built-in phantom, generated once and reused
@@ -65,12 +65,12 @@ def main(argv: list[str]) -> dict:
     runtime.setup_logging(run_dir, rank=rank)
     runtime.seed_everything(cfg.seed, deterministic=cfg.deterministic)
     if rank == 0:
-        studies, split = prepare_studies(cfg, run_dir)
+        studies, split = prepare_studies(cfg)
         if not cfg.resume:
             write_run_files(cfg, run_dir, studies, split)
     runtime.barrier()
     if rank != 0:  # the cache is ready: every rank reads the same split
-        studies, split = prepare_studies(cfg, run_dir)
+        studies, split = prepare_studies(cfg)
     by_id = {s.case_id: s for s in studies}
 
     options = dict(n_skip=cfg.n_skip, grad_checkpointing=cfg.grad_checkpointing) \

@@ -5,6 +5,7 @@ its own run directory, resumable (finished runs are skipped), collected into a l
     python sweep.py --grid=headline --budget=cpu           # BCE vs published vs corrected, 3 seeds
     python sweep.py --grid=study --budget=gpu              # the same grid, longer training, on a GPU
     python sweep.py --grid=study --budget=cpu --collect_only   # rebuild results/ from finished runs
+    python sweep.py --grid=study --budget=cpu --parallel=4     # 4 runs at a time (a GPU machine)
 
 Writes `results/<grid>-<budget>/leaderboard.{csv,md,png}` and `headline.md` (paired differences
 against the published loss over seeds). Rules followed (shared/STUDY.md): every configuration of
@@ -83,14 +84,15 @@ GRIDS = {"study": STUDY, "headline": HEADLINE}
 HEADLINE_SEEDS = (0, 1, 2)
 
 # ---- budgets: the same work for every configuration of a budget ---------------------------
-_STUDY_DATA = dict(phantom_cases=100, phantom_size="demo", n_val=10, n_test=50, split_seed=0)
+_STUDY_DATA = dict(phantom_cases=100, phantom_size="demo", n_val=10, n_test=50, split_seed=0,
+                   save_overlays=False)
 BUDGETS = {
     # ~400 optimiser steps of batch 16 per run on 2 CPU cores
     "cpu": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,
                 **_STUDY_DATA),
-    # the same grid with 3x the steps for a GPU
+    # the same grid with 3x the steps, for a GPU (add --parallel=4 --num_workers=3 there)
     "gpu": dict(preset="cpu", epochs=12, steps_per_epoch=100, batch_size=16, warmup_steps=60,
-                num_workers=4, **_STUDY_DATA),
+                **_STUDY_DATA),
     # machinery check (tests): seconds per run
     "smoke": dict(preset="tiny", epochs=1, steps_per_epoch=2, batch_size=2, phantom_cases=8,
                   n_val=2, n_test=2, n_bootstrap=20, save_overlays=False),
@@ -106,26 +108,69 @@ def run_plan(grid: str, seeds: tuple[int, ...] | None) -> list[tuple[str, int, d
     return plan
 
 
-def run_one(name: str, seed: int, overrides: dict, budget: str, runs_dir: Path,
-            extra: dict) -> Path:
-    run_dir = runs_dir / f"{name}-s{seed}"
-    if (run_dir / "eval" / "summary.json").exists():
-        return run_dir  # finished: skipped, so an interrupted sweep resumes
+def run_settings(name: str, seed: int, overrides: dict, budget: str, runs_dir: Path,
+                 extra: dict) -> dict:
     settings = {**BUDGETS[budget], **overrides, **extra, "seed": seed,
-                "out_dir": str(runs_dir), "run_name": run_dir.name}
+                "out_dir": str(runs_dir), "run_name": f"{name}-s{seed}"}
     config.make_config(settings)  # a bad grid entry fails here, before any training
+    return settings
+
+
+def start_run(settings: dict, log_path: Path) -> subprocess.Popen:
+    """`python main.py ...` for one run (or its resume), output to the run's sweep.log."""
+    run_dir = Path(settings["out_dir"]) / settings["run_name"]
     if (run_dir / "checkpoints" / "last.pt").exists():
         args = [f"--resume={run_dir}"]
     else:
         args = [f"--{key}={value!r}" if isinstance(value, str) else f"--{key}={value}"
                 for key, value in settings.items()]
-    started = time.time()
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=Path(__file__).parent)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: run {run_dir} failed (exit {proc.returncode}); fix it and rerun "
-                         "the same sweep command: finished runs are skipped")
-    (run_dir / "wall_seconds.txt").write_text(f"{time.time() - started:.1f}\n")
-    return run_dir
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        return subprocess.Popen([sys.executable, "main.py", *args], cwd=Path(__file__).parent,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_all(plan: list[tuple[str, int, dict]], budget: str, runs_dir: Path, extra: dict,
+            parallel: int) -> None:
+    """Every unfinished run of the plan, `parallel` at a time; finished runs are skipped."""
+    todo = [run_settings(name, seed, overrides, budget, runs_dir, extra)
+            for name, seed, overrides in plan
+            if not (runs_dir / f"{name}-s{seed}" / "eval" / "summary.json").exists()]
+    if not todo:
+        return
+    prepare_data_once(todo[0])
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            settings = todo.pop(0)
+            log_path = runs_dir / "logs" / f"{settings['run_name']}.log"
+            print(f"start {settings['run_name']} (log: {log_path})", flush=True)
+            running[settings["run_name"]] = (start_run(settings, log_path), time.time())
+        time.sleep(1.0)
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            seconds = time.time() - started
+            print(f"done  {name}: exit {proc.returncode}, {seconds:.0f} s", flush=True)
+            if proc.returncode != 0:
+                failed.append(name)
+            else:
+                (runs_dir / name / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+    if failed:
+        raise SystemExit(f"error: runs {failed} failed (logs in {runs_dir / 'logs'}); fix and "
+                         "rerun the same sweep command: finished runs are skipped")
+
+
+def prepare_data_once(settings: dict) -> None:
+    """Generate the phantom and fill the cache before runs start, so parallel runs only read."""
+    import main  # heavy imports only when runs are actually started
+    import runtime
+
+    runtime.setup_logging(None)
+    cfg = config.make_config(settings)
+    main.prepare_studies(cfg)
 
 
 # ---- collection ---------------------------------------------------------------------------
@@ -252,7 +297,7 @@ def plot(table: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str]) -> None:
     options = dict(grid="study", budget="cpu", seeds=None, runs_dir="runs/study",
-                   results_dir="results", collect_only=False, dry_run=False)
+                   results_dir="results", collect_only=False, dry_run=False, parallel=1)
     extra = {}
     for arg in argv:
         key, _, raw = arg.lstrip("-").partition("=")
@@ -270,14 +315,11 @@ def main(argv: list[str]) -> None:
         for config_name, seed, overrides in plan:
             print(config_name, seed, overrides)
         return
-    rows = []
-    for i, (config_name, seed, overrides) in enumerate(plan, 1):
-        run_dir = runs_dir / f"{config_name}-s{seed}"
-        if not options["collect_only"]:
-            print(f"[{i}/{len(plan)}] {config_name} seed {seed}", flush=True)
-            run_one(config_name, seed, overrides, options["budget"], runs_dir, extra)
-        if (run_dir / "eval" / "summary.json").exists():
-            rows.append(read_run(config_name, seed, run_dir))
+    if not options["collect_only"]:
+        run_all(plan, options["budget"], runs_dir, extra, int(options["parallel"]))
+    rows = [read_run(config_name, seed, runs_dir / f"{config_name}-s{seed}")
+            for config_name, seed, _ in plan
+            if (runs_dir / f"{config_name}-s{seed}" / "eval" / "summary.json").exists()]
     write_results(rows, Path(options["results_dir"]) / name,
                   f"{options['grid']} grid, budget {options['budget']}: {len(rows)} runs")
     print(f"results: {Path(options['results_dir']) / name}/leaderboard.md")
