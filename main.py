@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +23,6 @@ import test
 import training
 from data.phantom import generate as generate_phantom
 from loss import CombinedLoss
-
-log = logging.getLogger("main")
 
 
 def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
@@ -46,7 +44,8 @@ def prepare_studies(cfg: config.Config) -> tuple[list, dict]:
     if data_dir is None:  # the built-in phantom, generated once and reused
         data_dir = str(Path(cfg.cache_dir) / "phantom" /
                        f"{cfg.phantom_size}-seed{cfg.phantom_seed}-n{cfg.phantom_cases}")
-        generate_phantom(data_dir, cfg.phantom_cases, size=cfg.phantom_size, seed=cfg.phantom_seed)
+        generate_phantom(data_dir, cfg.phantom_cases, size=cfg.phantom_size, seed=cfg.phantom_seed,
+                         workers=min(8, os.cpu_count() or 1))
     studies = test.cache_studies(cfg, data_dir)
     split = data.split_cases(studies, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.split_seed,
                              n_folds=cfg.n_folds, fold=cfg.fold)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,28 @@ def run_all(plan: list[tuple[str, int, dict]], budget: str, runs_dir: Path, extr
     prepare_data_once(todo[0])
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed = []
+    # SIGTERM (e.g. `timeout`) ends the sweep like Ctrl-C: the runs get SIGTERM too, save
+    # last.pt and are resumed by the next sweep command
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _supervise(todo, running, failed, runs_dir, parallel)
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait(timeout=120)
+        raise SystemExit("sweep interrupted: rerun the same command to continue")
+    if failed:
+        raise SystemExit(f"error: runs {failed} failed (logs in {runs_dir / 'logs'}); fix and "
+                         "rerun the same sweep command: finished runs are skipped")
+
+
+def _raise_interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _supervise(todo: list[dict], running: dict, failed: list, runs_dir: Path,
+               parallel: int) -> None:
     while todo or running:
         while todo and len(running) < parallel:
             settings = todo.pop(0)
@@ -158,9 +181,6 @@ def run_all(plan: list[tuple[str, int, dict]], budget: str, runs_dir: Path, extr
                 failed.append(name)
             else:
                 (runs_dir / name / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
-    if failed:
-        raise SystemExit(f"error: runs {failed} failed (logs in {runs_dir / 'logs'}); fix and "
-                         "rerun the same sweep command: finished runs are skipped")
 
 
 def prepare_data_once(settings: dict) -> None:
