@@ -3,10 +3,19 @@
     from data import find_studies, load_study
     study = load_study(find_studies("/data/autoPET")[0])   # ct (HU), pet (SUV), mask on one grid
 
-pydicom, scipy and PIL load on first use; the slice dataset needs torch.
+Importing the package stays light (numpy, nibabel): the slice dataset (torch) is imported on
+first use of its names, pydicom / scipy / PIL inside the functions that need them.
 """
 from .cache import CachedStudy, load_cached, prepare_cache
-from .dataset import PetCtSliceDataset, from_model_grid, to_model_grid, worker_init_fn
 from .io import find_studies, load_study
 from .split import load_split, save_split, split_cases
 from .study import DataError, Study, StudyRef
+
+_DATASET_NAMES = ("PetCtSliceDataset", "from_model_grid", "to_model_grid", "worker_init_fn")
+
+
+def __getattr__(name: str):  # PEP 562: torch is imported only by code that uses the dataset
+    if name in _DATASET_NAMES:
+        from . import dataset
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
