@@ -36,7 +36,7 @@ DICE = dict(w_bce=0.0, w_tversky=0.0, w_dice=1.0, dice_log=False)
 PUBLISHED = dict(w_bce=0.6, w_tversky=0.4, w_dice=0.6, tversky_weighting="published",
                  tversky_fp_weight=0.5, tversky_fn_weight=0.5, tversky_gamma=1.0, dice_log=True)
 CORRECTED = dict(w_bce=0.6, w_tversky=0.4, w_dice=0.6, tversky_weighting="corrected",
-                 tversky_fp_weight=0.5, tversky_fn_weight=0.5, tversky_gamma=1.0, dice_log=False)
+                 tversky_fp_weight=0.5, tversky_fn_weight=0.5, tversky_gamma=1.0, dice_log=True)
 
 
 def focal_tversky(alpha: float, beta: float, gamma: float, weighting: str = "none") -> dict:
@@ -57,6 +57,7 @@ STUDY = {
     "dice": DICE,
     "dice_log": {**DICE, "dice_log": True},
     "bce_dice": dict(w_bce=0.5, w_tversky=0.0, w_dice=0.5, dice_log=False),  # TransUNet recipe
+    "bce_logdice": dict(w_bce=0.5, w_tversky=0.0, w_dice=0.5, dice_log=True),
     "tversky_a0.5_b0.5": focal_tversky(0.5, 0.5, 1.0),
     "tversky_a0.3_b0.7": focal_tversky(0.3, 0.7, 1.0),
     "focal_tversky_a0.3_b0.7_g0.75": focal_tversky(0.3, 0.7, 0.75),  # Abraham & Khan's 1/gamma=4/3
@@ -67,7 +68,8 @@ STUDY = {
     "corrected_combined_a0.3_b0.7": {**CORRECTED, "tversky_fp_weight": 0.3, "tversky_fn_weight": 0.7},
     "corrected_combined_sample_reduction": {**CORRECTED, "loss_reduction": "sample"},
     # sampler
-    "bce_dice_no_oversampling": dict(w_bce=0.5, w_tversky=0.0, w_dice=0.5, fg_fraction=0.0),
+    "bce_dice_no_oversampling": dict(w_bce=0.5, w_tversky=0.0, w_dice=0.5, dice_log=False,
+                                     fg_fraction=0.0),
     "published_combined_no_oversampling": {**PUBLISHED, "fg_fraction": 0.0},
     "corrected_combined_no_oversampling": {**CORRECTED, "fg_fraction": 0.0},
     # beyond the paper: 2.5-D input

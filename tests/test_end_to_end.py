@@ -77,3 +77,18 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
                 f"--out_dir={tmp_path / 'runs'}", f"--cache_dir={tmp_path / 'cache'}"])
     assert proc.returncode == 2
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """DDP with gloo on the CPU: two processes, one run directory, rank 0 writes everything."""
+    proc = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+                "--preset=tiny", f"--out_dir={tmp_path / 'runs'}", "--run_name=ddp",
+                f"--cache_dir={tmp_path / 'cache'}", "--save_overlays=False"],
+               env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
+    run_dir = tmp_path / "runs" / "ddp"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "eval" / "summary.json").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert "2 process" in log and saved["config"]["preset"] == "tiny"
