@@ -6,6 +6,7 @@ its own run directory, resumable (finished runs are skipped), collected into a l
     python sweep.py --grid=study --budget=gpu              # the same grid, longer training, on a GPU
     python sweep.py --grid=study --budget=cpu --collect_only   # rebuild results/ from finished runs
     python sweep.py --grid=study --budget=cpu --parallel=4     # 4 runs at a time (a GPU machine)
+    python sweep.py --grid=study --budget=cpu --only=unet_resnet34,fpn_resnet34   # a subset
 
 Writes `results/<grid>-<budget>/leaderboard.{csv,md,png}` and `headline.md` (paired differences
 against the published loss over seeds). Rules followed (shared/STUDY.md): every configuration of
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import signal
 import statistics
 import subprocess
@@ -102,10 +104,17 @@ BUDGETS = {
 }
 
 
-def run_plan(grid: str, seeds: tuple[int, ...] | None) -> list[tuple[str, int, dict]]:
-    """(configuration, seed, overrides) for every run: headline configurations get 3 seeds."""
+def run_plan(grid: str, seeds: tuple[int, ...] | None,
+             only: tuple[str, ...] = ()) -> list[tuple[str, int, dict]]:
+    """(configuration, seed, overrides) for every run: headline configurations get 3 seeds.
+    `only` keeps the named configurations, in that order."""
     plan = []
-    for name, overrides in GRIDS[grid].items():
+    names = only or tuple(GRIDS[grid])
+    unknown = set(names) - set(GRIDS[grid])
+    if unknown:
+        raise config.ConfigError(f"--only: {sorted(unknown)} not in grid {grid!r}")
+    for name in names:
+        overrides = GRIDS[grid][name]
         run_seeds = seeds or (HEADLINE_SEEDS if name in HEADLINE else (0,))
         plan += [(name, seed, overrides) for seed in run_seeds]
     return plan
@@ -161,6 +170,7 @@ def run_all(plan: list[tuple[str, int, dict]], budget: str, runs_dir: Path, extr
 
 
 def _raise_interrupt(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up below must not be cut short
     raise KeyboardInterrupt
 
 
@@ -196,7 +206,7 @@ def prepare_data_once(settings: dict) -> None:
 
 
 # ---- collection ---------------------------------------------------------------------------
-COLUMNS = ["config", "seed", "model", "w_bce", "w_tversky", "w_dice", "tversky_weighting",
+COLUMNS = ["config", "seed", "status", "model", "w_bce", "w_tversky", "w_dice", "tversky_weighting",
            "tversky_fp_weight", "tversky_fn_weight", "tversky_gamma", "dice_log",
            "bce_pos_weight", "loss_reduction", "fg_fraction", "context_slices", "steps",
            "test_dice", "test_dice_ci_low", "test_dice_ci_high", "fpv_ml_tumor_free", "fnv_ml",
@@ -204,10 +214,43 @@ COLUMNS = ["config", "seed", "model", "w_bce", "w_tversky", "w_dice", "tversky_w
            "best_val_pseudo_dice", "train_seconds"]
 
 
+def _nan_for_none(value):
+    """summary.json stores NaN (a mean over no study) as null."""
+    if isinstance(value, dict):
+        return {key: _nan_for_none(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return math.nan if value is None else value
+
+
+def run_status(run_dir: Path) -> str | None:
+    """"ok" (evaluated), "diverged" (stopped by repeated non-finite losses), or None (not run
+    or still unfinished: left out of the leaderboard)."""
+    if (run_dir / "eval" / "summary.json").exists():
+        return "ok"
+    log = run_dir / "train.log"
+    if log.exists():  # stopped by training's non-finite guard: more skips in a row than allowed
+        in_a_row = [int(n) for n in re.findall(r"step skipped \((\d+) in a row", log.read_text())]
+        if in_a_row and max(in_a_row) > config.load_config(run_dir).max_nonfinite:
+            return "diverged"
+    return None
+
+
+def diverged_row(name: str, seed: int, run_dir: Path) -> dict:
+    """A leaderboard row for a run that training stopped: metrics NaN, the failure visible."""
+    cfg = config.load_config(run_dir)
+    row = {key: getattr(cfg, key) for key in COLUMNS if hasattr(cfg, key)}
+    row.update({key: math.nan for key in COLUMNS if key not in row})
+    row.update(config=name, seed=seed, status="diverged")
+    return row
+
+
 def read_run(name: str, seed: int, run_dir: Path) -> dict:
     """One leaderboard row from a finished run directory (nothing typed by hand)."""
+    if run_status(run_dir) == "diverged":
+        return diverged_row(name, seed, run_dir)
     cfg = config.load_config(run_dir)
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    summary = _nan_for_none(json.loads((run_dir / "eval" / "summary.json").read_text()))
     cohort = summary.get("raw", summary)  # the un-post-processed figures are the headline
     metrics, lesions = cohort["metrics"], cohort["lesions"]
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -220,7 +263,7 @@ def read_run(name: str, seed: int, run_dir: Path) -> dict:
                fnv_ml=metrics["fnv_ml"]["mean"], hd95_mm=metrics["hd95_mm"]["mean"],
                lesion_recall=lesions["recall"], lesion_precision=lesions["precision"],
                lesion_f1=lesions["f1"], n_test=cohort["n_studies"], n_test_tumor=cohort["n_tumor"],
-               best_val_pseudo_dice=max(val) if val else math.nan,
+               best_val_pseudo_dice=max(val) if val else math.nan, status="ok",
                train_seconds=round(sum(e.get("time", 0.0) for e in epochs), 1))
     return row
 
@@ -319,7 +362,7 @@ def plot(table: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str]) -> None:
     options = dict(grid="study", budget="cpu", seeds=None, runs_dir="runs/study",
-                   results_dir="results", collect_only=False, dry_run=False, parallel=1)
+                   results_dir="results", collect_only=False, dry_run=False, parallel=1, only="")
     extra = {}
     for arg in argv:
         key, _, raw = arg.lstrip("-").partition("=")
@@ -332,7 +375,8 @@ def main(argv: list[str]) -> None:
     seeds = tuple(int(s) for s in str(options["seeds"]).split(",")) if options["seeds"] else None
     name = f"{options['grid']}-{options['budget']}"
     runs_dir = Path(options["runs_dir"]) / name
-    plan = run_plan(options["grid"], seeds)
+    only = tuple(n for n in str(options["only"]).split(",") if n) if options["only"] else ()
+    plan = run_plan(options["grid"], seeds, only)
     if options["dry_run"]:
         for config_name, seed, overrides in plan:
             print(config_name, seed, overrides)
@@ -341,7 +385,7 @@ def main(argv: list[str]) -> None:
         run_all(plan, options["budget"], runs_dir, extra, int(options["parallel"]))
     rows = [read_run(config_name, seed, runs_dir / f"{config_name}-s{seed}")
             for config_name, seed, _ in plan
-            if (runs_dir / f"{config_name}-s{seed}" / "eval" / "summary.json").exists()]
+            if run_status(runs_dir / f"{config_name}-s{seed}") is not None]
     write_results(rows, Path(options["results_dir"]) / name,
                   f"{options['grid']} grid, budget {options['budget']}: {len(rows)} runs")
     print(f"results: {Path(options['results_dir']) / name}/leaderboard.md")

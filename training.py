@@ -252,28 +252,39 @@ def train_step(loop: Loop, image: torch.Tensor, mask: torch.Tensor) -> dict[str,
     loop.stop_agreed = stop > 0
     loop.step += 1
     if nonfinite > 0:
-        loop.optimizer.zero_grad(set_to_none=True)
-        loop.scheduler.step()
-        loop.nonfinite_total += 1
-        loop.nonfinite_run += 1
-        log.warning("step %d: non-finite loss (%s); step skipped (%d in a row, %d in total)",
-                    loop.step, total.item(), loop.nonfinite_run, loop.nonfinite_total)
-        if loop.nonfinite_run > loop.max_nonfinite:
-            raise TrainingError(
-                f"the loss was not finite for {loop.nonfinite_run} steps in a row (step "
-                f"{loop.step}): lower --lr, raise --warmup_steps, keep --grad_clip > 0, try "
-                "--amp=False, and check the images for NaN; max_nonfinite sets the tolerance")
+        _skip_step(loop, f"non-finite loss ({total.item()})")
         return None
     loop.nonfinite_run = 0
     loop.scaler.scale(total).backward()
-    if loop.grad_clip and loop.grad_clip > 0:
-        loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the scaled ones
-        nn.utils.clip_grad_norm_(loop.raw_model.parameters(), loop.grad_clip)
+    loop.scaler.unscale_(loop.optimizer)  # clip the true gradients (a no-op without fp16 scaling)
+    max_norm = loop.grad_clip if loop.grad_clip and loop.grad_clip > 0 else float("inf")
+    grad_norm = nn.utils.clip_grad_norm_(loop.raw_model.parameters(), max_norm)
+    if not loop.scaler.is_enabled() and not torch.isfinite(grad_norm):
+        # A finite loss can still have a non-finite gradient; stepping would turn every weight
+        # into NaN (clipping scales by inf/nan). fp16's GradScaler already skips such steps.
+        # The norm is computed after DDP's all-reduce, so every rank takes the same decision.
+        _skip_step(loop, f"non-finite gradient norm ({grad_norm.item()})")
+        return None
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step()
     return dict(zip(parts, means))
+
+
+def _skip_step(loop: Loop, reason: str) -> None:
+    """No update this step (the schedule still advances); stop after too many in a row."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+    loop.nonfinite_total += 1
+    loop.nonfinite_run += 1
+    log.warning("step %d: %s; step skipped (%d in a row, %d in total)",
+                loop.step, reason, loop.nonfinite_run, loop.nonfinite_total)
+    if loop.nonfinite_run > loop.max_nonfinite:
+        raise TrainingError(
+            f"the loss or its gradient was not finite for {loop.nonfinite_run} steps in a row "
+            f"(step {loop.step}): lower --lr, raise --warmup_steps, keep --grad_clip > 0, try "
+            "--amp=False, and check the images for NaN; max_nonfinite sets the tolerance")
 
 
 def validate_study(loop: Loop, study: Any, threshold: float) -> dict:
@@ -743,6 +754,9 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
                            rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
                            val_every=val_every, early_stop_patience=early_stop_patience,
                            threshold=threshold, log_images=log_images)
+        except TrainingError as exc:
+            log.error("training stopped: %s", exc)  # also in train.log, for the sweep's record
+            raise
         finally:
             runlog.close()
     if outcome["interrupted"]:

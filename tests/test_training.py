@@ -237,6 +237,37 @@ def test_nonfinite_loss_is_skipped_and_reported(tmp_path):
     assert "non-finite loss" in (tmp_path / "r" / "train.log").read_text()
 
 
+class _NanGradient(torch.autograd.Function):
+    """A finite value (0) whose gradient is NaN: what an overflow inside a loss looks like."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("nan"))
+
+
+def nan_gradient_at(calls):
+    def hook(i, parts):
+        if i in calls:
+            parts = dict(parts, total=parts["total"] + _NanGradient.apply(parts["total"].reshape(1)))
+        return parts
+    return hook
+
+
+def test_nonfinite_gradient_is_skipped_and_weights_stay_finite(tmp_path):
+    for clip in (1.0, 0.0):  # with and without gradient clipping
+        result = run(tmp_path / f"r{clip}", loss_fn=PartsLoss(nan_gradient_at({2})), epochs=1,
+                     grad_clip=clip)
+        assert result["nonfinite_skipped"] == 1 and result["steps"] == 3
+        ckpt = load(tmp_path / f"r{clip}" / "checkpoints" / "last.pt")
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+        assert "non-finite gradient" in (tmp_path / f"r{clip}" / "train.log").read_text()
+
+
 def test_repeated_nonfinite_losses_stop_the_run(tmp_path):
     with pytest.raises(training.TrainingError, match="not finite for 3 steps in a row") as err:
         run(tmp_path / "r", loss_fn=PartsLoss(nan_at({2, 3, 4, 5})), max_nonfinite=2)
