@@ -107,6 +107,8 @@ class Config:
     early_stop_patience: int = 0  # validations without improvement; 0 = never stop early
     eval_batch_size: int = 32
     threshold: float = 0.5  # probability threshold for the binary mask
+    tune_threshold: bool = False  # choose the threshold on the validation studies instead
+    # (pooled Dice over 0.05..0.95; the fair BCE baseline of STUDY.md; saved in eval/summary.json)
     tta: bool = False  # flip test-time augmentation
     min_component_ml: float = 0.0  # post-processing: drop predicted components smaller than this
     suv_floor: float = 0.0  # post-processing: drop predicted voxels with SUV below this

@@ -47,7 +47,8 @@ def focal_tversky(alpha: float, beta: float, gamma: float, weighting: str = "non
 
 
 HEADLINE = {
-    "bce_posweight": {**BCE, "bce_pos_weight": 50.0},
+    # the fair BCE baseline (STUDY.md): positive-class weight and a threshold chosen on validation
+    "bce_posweight": {**BCE, "bce_pos_weight": 50.0, "tune_threshold": True},
     "published_combined": PUBLISHED,
     "corrected_combined": CORRECTED,
 }
@@ -208,7 +209,8 @@ def prepare_data_once(settings: dict) -> None:
 # ---- collection ---------------------------------------------------------------------------
 COLUMNS = ["config", "seed", "status", "model", "w_bce", "w_tversky", "w_dice", "tversky_weighting",
            "tversky_fp_weight", "tversky_fn_weight", "tversky_gamma", "dice_log",
-           "bce_pos_weight", "loss_reduction", "fg_fraction", "context_slices", "steps",
+           "bce_pos_weight", "tune_threshold", "loss_reduction", "fg_fraction", "context_slices",
+           "steps",
            "test_dice", "test_dice_ci_low", "test_dice_ci_high", "fpv_ml_tumor_free", "fnv_ml",
            "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "n_test", "n_test_tumor",
            "best_val_pseudo_dice", "train_seconds"]
@@ -264,7 +266,7 @@ def read_run(name: str, seed: int, run_dir: Path) -> dict:
                lesion_recall=lesions["recall"], lesion_precision=lesions["precision"],
                lesion_f1=lesions["f1"], n_test=cohort["n_studies"], n_test_tumor=cohort["n_tumor"],
                best_val_pseudo_dice=max(val) if val else math.nan, status="ok",
-               train_seconds=round(sum(e.get("time", 0.0) for e in epochs), 1))
+               train_seconds=round(sum(e.get("seconds", 0.0) for e in epochs), 1))
     return row
 
 
@@ -281,7 +283,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
         by_config.setdefault(row["config"], []).append(row)
     table = []
     for name, runs in by_config.items():
-        entry = {"config": name, "model": runs[0]["model"], "seeds": len(runs)}
+        diverged = sum(r.get("status") == "diverged" for r in runs)
+        entry = {"config": name, "model": runs[0]["model"], "seeds": len(runs),
+                 "diverged": diverged}
         for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "hd95_mm", "lesion_f1"):
             values = [r[key] for r in runs if not math.isnan(r[key])]
             entry[key] = statistics.fmean(values) if values else math.nan
@@ -323,6 +327,10 @@ def write_results(rows: list[dict], out: Path, title: str) -> None:
              "| FNV ml | HD95 mm | lesion F1 | train s |", "|---" * 10 + "|"]
     for rank, e in enumerate(table, 1):
         pm = lambda k: _fmt(e[k]) + ("" if math.isnan(e[k + "_sd"]) else f" ± {_fmt(e[k + '_sd'])}")  # noqa: E731
+        if e["diverged"]:
+            lines.append(f"| {rank} | {e['config']} | {e['model']} | {e['seeds']} | diverged in "
+                         f"{e['diverged']} of {e['seeds']} runs (non-finite loss) | | | | | |")
+            continue
         lines.append(f"| {rank} | {e['config']} | {e['model']} | {e['seeds']} | {pm('test_dice')} "
                      f"| {pm('fpv_ml_tumor_free')} | {pm('fnv_ml')} | {pm('hd95_mm')} "
                      f"| {pm('lesion_f1')} | {e['train_seconds']:.0f} |")

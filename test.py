@@ -376,8 +376,10 @@ def cache_studies(cfg: config.Config, data_dir: str, require_mask: bool = True) 
                               suv_max=cfg.suv_max, resample=cfg.resample)
 
 
-def _test_studies(run_dir: Path, cfg: config.Config, data_dir: Optional[str]) -> list:
-    """The run's test studies (split.json + cases.json), or every labelled study of data_dir."""
+def _test_studies(run_dir: Path, cfg: config.Config, data_dir: Optional[str],
+                  subset: str = "test") -> list:
+    """The run's test (or "val") studies (split.json + cases.json), or every labelled study of
+    data_dir."""
     if data_dir is not None:
         return cache_studies(cfg, data_dir)
     cases_path = run_dir / "cases.json"
@@ -390,14 +392,14 @@ def _test_studies(run_dir: Path, cfg: config.Config, data_dir: Optional[str]) ->
     for directory in directories:
         cached = load_cached(directory)
         by_id[cached.case_id] = cached
-    test_ids = load_split(run_dir / "split.json")["test"]
+    test_ids = load_split(run_dir / "split.json")[subset]
     missing = [c for c in test_ids if c not in by_id]
     if missing:
-        raise EvaluationError(f"test studies {missing[:5]} of {run_dir}/split.json are not in "
+        raise EvaluationError(f"{subset} studies {missing[:5]} of {run_dir}/split.json are not in "
                               f"{cases_path}; re-run main.py or pass --data_dir")
     if not test_ids:
-        raise EvaluationError(f"{run_dir}/split.json has no test studies (n_test=0); pass "
-                              f"--data_dir=<labelled studies>")
+        raise EvaluationError(f"{run_dir}/split.json has no {subset} studies (n_{subset}=0); "
+                              f"pass --data_dir=<labelled studies>")
     return [by_id[c] for c in test_ids]
 
 
@@ -407,6 +409,47 @@ def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dic
             **(postprocess or {})}
     return {"threshold": cfg.threshold, "tta": cfg.tta if tta is None else bool(tta),
             "postprocess": post, "device": str(runtime.resolve_device(str(device or cfg.device)))}
+
+
+THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
+
+
+def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size: int,
+                     batch_size: int, device: torch.device, amp: bool, tta: bool,
+                     context_slices: int, suv_max: float,
+                     candidates: Sequence[float] = THRESHOLD_CANDIDATES) -> tuple[float, dict]:
+    """The probability threshold that maximises the pooled Dice 2TP / (2TP + FP + FN) over
+    `studies` (the VALIDATION studies: test studies never choose anything, STUDY.md). Ties go to
+    the higher threshold (fewer false positives). Returns (threshold, {threshold: pooled Dice})."""
+    counts = np.zeros((len(candidates), 3))  # TP, FP, FN per candidate
+    for cached in studies:
+        prob = predict_volume(model, cached, img_size=img_size, batch_size=batch_size,
+                              device=device, amp=amp, tta=tta, context_slices=context_slices)
+        _, ref, _ = _study_volumes(cached, suv_max)
+        ref = ref.astype(bool)
+        for k, threshold in enumerate(candidates):
+            pred = prob > threshold
+            counts[k] += [np.count_nonzero(pred & ref), np.count_nonzero(pred & ~ref),
+                          np.count_nonzero(~pred & ref)]
+    tp, fp, fn = counts.T
+    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    best = max(range(len(candidates)), key=lambda k: (dice[k], candidates[k]))
+    return float(candidates[best]), {f"{c:.2f}": float(d) for c, d in zip(candidates, dice)}
+
+
+def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
+               amp: bool) -> tuple[float, Optional[dict]]:
+    """cfg.threshold, or (cfg.tune_threshold) the one chosen on the run's validation studies."""
+    if not cfg.tune_threshold:
+        return cfg.threshold, None
+    studies = _test_studies(run_dir, cfg, None, subset="val")
+    threshold, curve = choose_threshold(
+        model, studies, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
+        device=torch.device(settings["device"]), amp=amp, tta=settings["tta"],
+        context_slices=cfg.context_slices, suv_max=cfg.suv_max)
+    log.info("threshold %.2f chosen on %d validation studies (pooled Dice %.3f)", threshold,
+             len(studies), curve[f"{threshold:.2f}"])
+    return threshold, {"chosen": threshold, "n_val_studies": len(studies), "val_pooled_dice": curve}
 
 
 def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
@@ -435,6 +478,8 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     model = load_run_model(run_dir, cfg, checkpoint, device)
     out = run_dir / "eval"
     amp = cfg.amp == "True" or (cfg.amp == "auto" and device.type == "cuda")
+    threshold, tuning = _threshold(run_dir, cfg, model, settings, amp)
+    settings["threshold"] = threshold
 
     rows, pp_rows = [], []
     bar = tqdm(studies, desc="evaluate", unit="study", disable=not progress)
@@ -443,7 +488,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
                               device=device, amp=amp, tta=settings["tta"],
                               context_slices=cfg.context_slices)  # (X, Y, Z)
         suv, ref, origin = _study_volumes(cached, cfg.suv_max)
-        pred = prob > cfg.threshold
+        pred = prob > threshold
         row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing),
                "mask_from": origin}
         rows.append(row)
@@ -461,6 +506,8 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     if use_post:
         summary["postprocessed"] = summarise_cohort(pp_rows, n_bootstrap=cfg.n_bootstrap,
                                                     seed=cfg.seed)
+    if tuning:
+        summary["threshold_tuning"] = tuning
     summary["settings"] = {**settings, "run_dir": str(run_dir), "checkpoint": checkpoint,
                            "data_dir": data_dir, "model": cfg.model, "img_size": cfg.img_size,
                            "context_slices": cfg.context_slices}
@@ -543,12 +590,13 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
     studies = cache_studies(cfg, input_dir, require_mask=False)
     model = load_run_model(run_dir, cfg, checkpoint, device)
     amp = cfg.amp == "True" or (cfg.amp == "auto" and device.type == "cuda")
+    threshold, _ = _threshold(run_dir, cfg, model, settings, amp)
     written = []
     for cached in tqdm(studies, desc="predict", unit="study", disable=not progress):
         prob = predict_volume(model, cached, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
                               device=device, amp=amp, tta=settings["tta"],
                               context_slices=cfg.context_slices)  # (X, Y, Z)
-        pred = prob > cfg.threshold
+        pred = prob > threshold
         if post["min_component_ml"] > 0 or post["suv_floor"] > 0:
             suv, _, _ = _study_volumes(cached, cfg.suv_max)
             pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)

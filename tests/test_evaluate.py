@@ -245,3 +245,24 @@ def test_evaluate_missing_checkpoint_is_a_user_error(tiny_run_dir, toy_models):
     run_dir, _ = tiny_run_dir
     with pytest.raises(evaluation.EvaluationError, match="last.pt"):
         evaluation.evaluate(run_dir, checkpoint="last", progress=False)
+
+
+class PetLogit(torch.nn.Module):
+    """logit = 10 * PET channel: probabilities rise with the PET value."""
+
+    def forward(self, x):
+        return 10.0 * x[:, 1:2]
+
+
+def test_choose_threshold_maximises_pooled_validation_dice(monkeypatch):
+    studies = [random_study(x=16, y=16, seed=s) for s in range(3)]  # no resizing at img_size 16
+    # the reference of each study: PET (cache channel 1) > 0.3, in (X, Y, Z)
+    refs = {id(s): np.moveaxis(s.image()[:, 1].astype(np.float32) > 0.3, 0, -1) for s in studies}
+    monkeypatch.setattr(evaluation, "_study_volumes",
+                        lambda cached, suv_max: (None, refs[id(cached)], "original"))
+    threshold, curve = evaluation.choose_threshold(
+        PetLogit(), studies, img_size=16, batch_size=4, device=torch.device("cpu"), amp=False,
+        tta=False, context_slices=0, suv_max=20.0)
+    # prob > t  <=>  PET > logit(t) / 10; the reference is PET > 0.3, i.e. t = sigmoid(3) = 0.953
+    assert threshold == 0.95 and curve["0.95"] == max(curve.values())
+    assert curve["0.05"] < curve["0.50"] < curve["0.95"]
