@@ -213,7 +213,7 @@ COLUMNS = ["config", "seed", "status", "model", "w_bce", "w_tversky", "w_dice", 
            "steps",
            "test_dice", "test_dice_ci_low", "test_dice_ci_high", "fpv_ml_tumor_free", "fnv_ml",
            "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "n_test", "n_test_tumor",
-           "best_val_pseudo_dice", "train_seconds"]
+           "best_val_pseudo_dice", "train_seconds", "machine"]
 
 
 def _nan_for_none(value):
@@ -238,12 +238,20 @@ def run_status(run_dir: Path) -> str | None:
     return None
 
 
+def machine(run_dir: Path) -> str:
+    """Where a run ran, from the environment facts in its config.json."""
+    env = json.loads((run_dir / "config.json").read_text()).get("environment", {})
+    gpus = env.get("gpus") or []
+    return f"{gpus[0]}, torch {env.get('torch')}" if gpus else \
+        f"CPU ({env.get('cpu_count')} cores), torch {env.get('torch')}"
+
+
 def diverged_row(name: str, seed: int, run_dir: Path) -> dict:
     """A leaderboard row for a run that training stopped: metrics NaN, the failure visible."""
     cfg = config.load_config(run_dir)
     row = {key: getattr(cfg, key) for key in COLUMNS if hasattr(cfg, key)}
     row.update({key: math.nan for key in COLUMNS if key not in row})
-    row.update(config=name, seed=seed, status="diverged")
+    row.update(config=name, seed=seed, status="diverged", machine=machine(run_dir))
     return row
 
 
@@ -266,6 +274,7 @@ def read_run(name: str, seed: int, run_dir: Path) -> dict:
                lesion_recall=lesions["recall"], lesion_precision=lesions["precision"],
                lesion_f1=lesions["f1"], n_test=cohort["n_studies"], n_test_tumor=cohort["n_tumor"],
                best_val_pseudo_dice=max(val) if val else math.nan, status="ok",
+               machine=machine(run_dir),
                train_seconds=round(sum(e.get("seconds", 0.0) for e in epochs), 1))
     return row
 
@@ -354,10 +363,10 @@ def plot(table: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(table) + 1.8), sharey=True)
-    names = [e["config"] for e in table][::-1]
+    names = [e["config"] + (" (diverged)" if e["diverged"] else "") for e in table][::-1]
     for ax, key, label in ((axes[0], "test_dice", "test Dice (tumour studies)"),
                            (axes[1], "fpv_ml_tumor_free", "FPV ml (tumour-free studies)")):
-        values = [e[key] for e in table][::-1]
+        values = [0.0 if math.isnan(e[key]) else e[key] for e in table][::-1]
         errors = [0.0 if math.isnan(e[key + "_sd"]) else e[key + "_sd"] for e in table][::-1]
         ax.barh(names, values, xerr=errors, color="tab:blue" if key == "test_dice" else "tab:red")
         ax.set_xlabel(label)
@@ -394,8 +403,10 @@ def main(argv: list[str]) -> None:
     rows = [read_run(config_name, seed, runs_dir / f"{config_name}-s{seed}")
             for config_name, seed, _ in plan
             if run_status(runs_dir / f"{config_name}-s{seed}") is not None]
+    machines = sorted({row["machine"] for row in rows})
     write_results(rows, Path(options["results_dir"]) / name,
-                  f"{options['grid']} grid, budget {options['budget']}: {len(rows)} runs")
+                  f"{options['grid']} grid, budget {options['budget']}: {len(rows)} runs on "
+                  f"{' / '.join(machines) or 'no machine yet'}")
     print(f"results: {Path(options['results_dir']) / name}/leaderboard.md")
 
 
