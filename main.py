@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import config
 import data
 import models
@@ -26,7 +28,8 @@ from loss import CombinedLoss
 
 
 def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
-    """A new run directory, or the saved config of the run being resumed (it wins)."""
+    """A new run directory, or the saved config of the run being resumed (it wins). Under
+    torchrun every rank gets rank 0's directory (a default name holds rank 0's clock)."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = config.load_config(run_dir / "config.json")
@@ -34,8 +37,10 @@ def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
             raise config.ConfigError(f"{run_dir}/checkpoints/last.pt not found: nothing to resume; "
                                      "start a new run without --resume")
         return saved, run_dir
-    name = cfg.run_name or f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return cfg, Path(cfg.out_dir) / name
+    name = [cfg.run_name or f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if runtime.is_distributed():
+        torch.distributed.broadcast_object_list(name, src=0)
+    return cfg, Path(cfg.out_dir) / name[0]
 
 
 def prepare_studies(cfg: config.Config) -> tuple[list, dict]:
@@ -59,8 +64,9 @@ def write_run_files(cfg: config.Config, run_dir: Path, studies: list, split: dic
 
 
 def main(argv: list[str]) -> dict:
-    cfg, run_dir = resolve_run(config.parse_cli(argv))
+    cfg = config.parse_cli(argv)
     rank, world_size, device = runtime.distributed_setup(cfg.device)
+    cfg, run_dir = resolve_run(cfg)
     runtime.setup_logging(run_dir, rank=rank)
     runtime.seed_everything(cfg.seed, deterministic=cfg.deterministic)
     if rank == 0:
