@@ -370,10 +370,12 @@ def load_run_model(run_dir: Path, cfg: config.Config, checkpoint: str,
 
 def cache_studies(cfg: config.Config, data_dir: str, require_mask: bool = True) -> list:
     """Every study under `data_dir`, preprocessed once into the run's cache (main.py uses it too)."""
-    refs = data.find_studies(data_dir, layout=cfg.layout, ct_channel=cfg.ct_channel,
-                             pet_channel=cfg.pet_channel, require_mask=require_mask)
-    return data.prepare_cache(refs, Path(cfg.cache_dir) / "studies", ct_window=cfg.ct_window,
-                              suv_max=cfg.suv_max, resample=cfg.resample)
+    # absolute paths: the run's cases.json and the cache's sources stay valid from any folder
+    refs = data.find_studies(Path(data_dir).absolute(), layout=cfg.layout,
+                             ct_channel=cfg.ct_channel, pet_channel=cfg.pet_channel,
+                             require_mask=require_mask)
+    return data.prepare_cache(refs, Path(cfg.cache_dir).absolute() / "studies",
+                              ct_window=cfg.ct_window, suv_max=cfg.suv_max, resample=cfg.resample)
 
 
 def _test_studies(run_dir: Path, cfg: config.Config, data_dir: Optional[str],
