@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
         if not (run_dir / "checkpoints" / "last.pt").exists():
             raise config.ConfigError(f"{run_dir}/checkpoints/last.pt not found: nothing to resume; "
                                      "start a new run without --resume")
-        return saved, run_dir
+        return dataclasses.replace(saved, resume=str(run_dir)), run_dir
     name = [cfg.run_name or f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if runtime.is_distributed():
         torch.distributed.broadcast_object_list(name, src=0)

@@ -92,3 +92,26 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "eval" / "summary.json").is_file()
     log = (run_dir / "train.log").read_text()
     assert "2 process" in log and saved["config"]["preset"] == "tiny"
+
+
+def test_resume_a_stopped_run_from_the_command_line(tmp_path):
+    """SIGTERM during training, then `main.py --resume=<run>`: the run continues and finishes."""
+    import signal
+    import time
+
+    args = [sys.executable, "main.py", "--preset=tiny", f"--out_dir={tmp_path / 'runs'}",
+            "--run_name=r", f"--cache_dir={tmp_path / 'cache'}", "--save_overlays=False",
+            "--epochs=3", "--steps_per_epoch=4"]
+    run_dir = tmp_path / "runs" / "r"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)  # the first epoch has ended
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode in (0, 3), out[-2000:]  # 3: stopped by the signal, last.pt saved
+    resumed = run(["main.py", f"--resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert ckpt["epoch"] == 3 and (run_dir / "eval" / "summary.json").is_file()
