@@ -187,7 +187,7 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"unknown setting --{key}{hint} (all settings: config.py)")
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """`ast.literal_eval`, falling back to the raw string (paths, names)."""
     try:
         return ast.literal_eval(raw)
@@ -243,7 +243,7 @@ def parse_cli(argv: list[str]) -> Config:
         key, sep, raw = arg[2:].partition("=")
         key = key.replace("-", "_")
         _check_key(key)
-        overrides[key] = _parse_value(raw) if sep else True
+        overrides[key] = parse_value(raw) if sep else True
     return make_config(overrides)
 
 

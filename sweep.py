@@ -386,7 +386,7 @@ def main(argv: list[str]) -> None:
         if key in options:
             options[key] = raw if raw else True
         else:  # any other --key=value is a config override applied to every run
-            extra[key] = config._parse_value(raw)
+            extra[key] = config.parse_value(raw)
     if options["grid"] not in GRIDS or options["budget"] not in BUDGETS:
         raise SystemExit(f"error: --grid is one of {sorted(GRIDS)}, --budget one of {sorted(BUDGETS)}")
     seeds = tuple(int(s) for s in str(options["seeds"]).split(",")) if options["seeds"] else None
@@ -411,9 +411,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    with_config_errors = config.ConfigError
-    try:
+    import runtime
+
+    with runtime.exit_on_user_error():
         main(sys.argv[1:])
-    except with_config_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
