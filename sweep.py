@@ -7,9 +7,22 @@ its own run directory, resumable (finished runs are skipped), collected into a l
     python sweep.py --grid=study --budget=cpu --collect_only   # rebuild results/ from finished runs
     python sweep.py --grid=study --budget=cpu --parallel=4     # 4 runs at a time (a GPU machine)
     python sweep.py --grid=study --budget=cpu --only=unet_resnet34,fpn_resnet34   # a subset
+    python sweep.py --grid=study --budget=cpu --export=results/mine/runs   # + the runs' evidence
+    python sweep.py --grid=study --budget=cpu --collect_only --out=results \
+        --runs_dir=results/h200/runs,results/cpu2core/runs      # one leaderboard, two machines
 
-Writes `results/<grid>-<budget>/leaderboard.{csv,md,png}` and `headline.md` (paired differences
-against the published loss over seeds). Rules followed (shared/STUDY.md): every configuration of
+Options (any other --key=value is a config.py setting applied to every run):
+    --grid=study|headline  --budget=cpu|gpu|smoke  --seeds=0,1,2  --only=NAME,NAME
+    --runs_dir=DIR[,DIR]   run directories go to DIR/<grid>-<budget>/<config>-s<seed>/; with several
+                           DIRs (--collect_only) a run found in each gives one row per machine
+    --results_dir=DIR      leaderboard goes to DIR/<grid>-<budget>/ (or exactly --out=DIR)
+    --export=DIR           copy each collected run's evidence (config, split, metrics, log,
+                           eval summary and per-case CSV; no weights) to DIR/<grid>-<budget>/
+    --parallel=N  --collect_only  --dry_run
+
+Writes `leaderboard.{csv,md,png}`: one CSV row per configuration, seed and machine; the table
+gives mean ± SD over seeds per configuration and machine, and paired differences against the
+published loss (same seed, same machine). Rules followed (shared/STUDY.md): every configuration of
 a budget trains for the same number of optimiser steps with the same batch and schedule; the data
 split is fixed (`split_seed`), seeds change the initialisation and the sampling; test studies are
 never used to choose anything (checkpoints are chosen on validation studies).
@@ -21,6 +34,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -286,15 +300,15 @@ def _fmt(value) -> str:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean ± standard deviation over seeds, per configuration, best test Dice first."""
-    by_config: dict[str, list[dict]] = {}
-    for row in rows:
-        by_config.setdefault(row["config"], []).append(row)
+    """Mean ± standard deviation over seeds, per configuration and machine, best test Dice first."""
+    by_config: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:  # a bf16 GPU run and a float32 CPU run of one seed are different runs
+        by_config.setdefault((row["config"], row.get("machine", "")), []).append(row)
     table = []
-    for name, runs in by_config.items():
+    for (name, where), runs in by_config.items():
         diverged = sum(r.get("status") == "diverged" for r in runs)
-        entry = {"config": name, "model": runs[0]["model"], "seeds": len(runs),
-                 "diverged": diverged}
+        entry = {"config": name, "machine": where, "model": runs[0]["model"],
+                 "seeds": len(runs), "diverged": diverged}
         for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "hd95_mm", "lesion_f1"):
             values = [r[key] for r in runs if not math.isnan(r[key])]
             entry[key] = statistics.fmean(values) if values else math.nan
@@ -305,14 +319,18 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def paired_differences(rows: list[dict], reference: str = "published_combined") -> list[dict]:
-    """Per configuration with several seeds: mean and SD of (config - reference) on the same seed."""
-    ref = {r["seed"]: r for r in rows if r["config"] == reference}
+    """Per configuration with several seeds: mean and SD of (config - reference) on the same seed
+    and the same machine."""
+    ref = {(r.get("machine", ""), r["seed"]): r for r in rows if r["config"] == reference}
     out = []
-    for name in sorted({r["config"] for r in rows} - {reference}):
-        pairs = [(r, ref[r["seed"]]) for r in rows if r["config"] == name and r["seed"] in ref]
+    for name, where in sorted({(r["config"], r.get("machine", "")) for r in rows}):
+        if name == reference:
+            continue
+        pairs = [(r, ref[where, r["seed"]]) for r in rows if r["config"] == name
+                 and r.get("machine", "") == where and (where, r["seed"]) in ref]
         if len(pairs) < 2:
             continue
-        entry = {"config": name, "vs": reference, "pairs": len(pairs)}
+        entry = {"config": name, "machine": where, "vs": reference, "pairs": len(pairs)}
         for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "lesion_f1"):
             diffs = [a[key] - b[key] for a, b in pairs if not math.isnan(a[key] - b[key])]
             entry[key] = statistics.fmean(diffs) if diffs else math.nan
@@ -325,6 +343,11 @@ def paired_differences(rows: list[dict], reference: str = "published_combined") 
     return out
 
 
+def short_machine(machine: str) -> str:
+    """"NVIDIA H200, torch 2.11.0" -> "NVIDIA H200": the plot's label and the table's column."""
+    return machine.split(", torch")[0]
+
+
 def write_results(rows: list[dict], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "leaderboard.csv", "w", newline="") as f:
@@ -332,38 +355,43 @@ def write_results(rows: list[dict], out: Path, title: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     table = aggregate(rows)
-    lines = [f"# {title}", "", "| # | configuration | model | seeds | test Dice | FPV ml (tumour-free) "
-             "| FNV ml | HD95 mm | lesion F1 | train s |", "|---" * 10 + "|"]
+    several = len({e["machine"] for e in table}) > 1  # then every row says where it ran
+    where = lambda e: f" {short_machine(e['machine'])} |" if several else ""  # noqa: E731
+    lines = [f"# {title}", "", "| # | configuration | model |" + (" machine |" if several else "")
+             + " seeds | test Dice | FPV ml (tumour-free) | FNV ml | HD95 mm | lesion F1 | train s |",
+             "|---" * (11 if several else 10) + "|"]
     for rank, e in enumerate(table, 1):
         pm = lambda k: _fmt(e[k]) + ("" if math.isnan(e[k + "_sd"]) else f" ± {_fmt(e[k + '_sd'])}")  # noqa: E731
+        head = f"| {rank} | {e['config']} | {e['model']} |{where(e)} {e['seeds']} |"
         if e["diverged"]:
-            lines.append(f"| {rank} | {e['config']} | {e['model']} | {e['seeds']} | diverged in "
-                         f"{e['diverged']} of {e['seeds']} runs (non-finite loss) | | | | | |")
+            lines.append(f"{head} diverged in {e['diverged']} of {e['seeds']} runs (non-finite "
+                         "loss) | | | | | |")
             continue
-        lines.append(f"| {rank} | {e['config']} | {e['model']} | {e['seeds']} | {pm('test_dice')} "
-                     f"| {pm('fpv_ml_tumor_free')} | {pm('fnv_ml')} | {pm('hd95_mm')} "
-                     f"| {pm('lesion_f1')} | {e['train_seconds']:.0f} |")
+        lines.append(f"{head} {pm('test_dice')} | {pm('fpv_ml_tumor_free')} | {pm('fnv_ml')} "
+                     f"| {pm('hd95_mm')} | {pm('lesion_f1')} | {e['train_seconds']:.0f} |")
     diffs = paired_differences(rows)
     if diffs:
-        lines += ["", "Paired differences against the published loss (same seed, same split), "
-                  "mean ± SD over seeds; 'no difference' when |mean| <= SD:", "",
-                  "| configuration | pairs | Δ test Dice | Δ FPV ml (tumour-free) | Δ FNV ml "
-                  "| Δ lesion F1 |", "|---" * 6 + "|"]
+        lines += ["", "Paired differences against the published loss (same seed, same split, same "
+                  "machine), mean ± SD over seeds; 'no difference' when |mean| <= SD:", "",
+                  "| configuration |" + (" machine |" if several else "") + " pairs | Δ test Dice "
+                  "| Δ FPV ml (tumour-free) | Δ FNV ml | Δ lesion F1 |",
+                  "|---" * (7 if several else 6) + "|"]
         for d in diffs:
             cell = lambda k: f"{_fmt(d[k])} ± {_fmt(d[k + '_sd'])} ({d[k + '_verdict']})"  # noqa: E731
-            lines.append(f"| {d['config']} | {d['pairs']} | {cell('test_dice')} | "
+            lines.append(f"| {d['config']} |{where(d)} {d['pairs']} | {cell('test_dice')} | "
                          f"{cell('fpv_ml_tumor_free')} | {cell('fnv_ml')} | {cell('lesion_f1')} |")
     (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
-    plot(table, out / "leaderboard.png", title)
+    plot(table, out / "leaderboard.png", title, several)
 
 
-def plot(table: list[dict], path: Path, title: str) -> None:
+def plot(table: list[dict], path: Path, title: str, several: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(table) + 1.8), sharey=True)
-    names = [e["config"] + (" (diverged)" if e["diverged"] else "") for e in table][::-1]
+    names = [e["config"] + (f" [{short_machine(e['machine'])}]" if several else "")
+             + (" (diverged)" if e["diverged"] else "") for e in table][::-1]
     for ax, key, label in ((axes[0], "test_dice", "test Dice (tumour studies)"),
                            (axes[1], "fpv_ml_tumor_free", "FPV ml (tumour-free studies)")):
         values = [0.0 if math.isnan(e[key]) else e[key] for e in table][::-1]
@@ -377,21 +405,51 @@ def plot(table: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+EVIDENCE = ("config.json", "split.json", "metrics.jsonl", "train.log", "wall_seconds.txt",
+            "eval/summary.json", "eval/per_case.csv")
+
+
+def export_evidence(run_dir: Path, dest: Path) -> None:
+    """The small files behind a leaderboard row (no weights, no predictions), for committing."""
+    if dest.resolve() == run_dir.resolve():
+        return
+    for name in EVIDENCE:
+        if (run_dir / name).exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / name, dest / name)
+
+
+def collect(plan: list[tuple[str, int, dict]], roots: list[Path]) -> list[tuple[dict, Path]]:
+    """(row, run directory) for every finished or diverged run of the plan, in each root."""
+    found = []
+    for config_name, seed, _ in plan:
+        for root in roots:
+            run_dir = root / f"{config_name}-s{seed}"
+            if run_status(run_dir) is not None:
+                found.append((read_run(config_name, seed, run_dir), run_dir))
+    return found
+
+
 def main(argv: list[str]) -> None:
     options = dict(grid="study", budget="cpu", seeds=None, runs_dir="runs/study",
-                   results_dir="results", collect_only=False, dry_run=False, parallel=1, only="")
+                   results_dir="results", out="", export="", collect_only=False, dry_run=False,
+                   parallel=1, only="")
     extra = {}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            return
         key, _, raw = arg.lstrip("-").partition("=")
         if key in options:
             options[key] = raw if raw else True
         else:  # any other --key=value is a config override applied to every run
             extra[key] = config.parse_value(raw)
     if options["grid"] not in GRIDS or options["budget"] not in BUDGETS:
-        raise SystemExit(f"error: --grid is one of {sorted(GRIDS)}, --budget one of {sorted(BUDGETS)}")
+        raise config.ConfigError(f"--grid is one of {sorted(GRIDS)}, --budget one of "
+                                 f"{sorted(BUDGETS)}")
     seeds = tuple(int(s) for s in str(options["seeds"]).split(",")) if options["seeds"] else None
     name = f"{options['grid']}-{options['budget']}"
-    runs_dir = Path(options["runs_dir"]) / name
+    roots = [Path(d) / name for d in str(options["runs_dir"]).split(",") if d]
     only = tuple(n for n in str(options["only"]).split(",") if n) if options["only"] else ()
     plan = run_plan(options["grid"], seeds, only)
     if options["dry_run"]:
@@ -399,15 +457,21 @@ def main(argv: list[str]) -> None:
             print(config_name, seed, overrides)
         return
     if not options["collect_only"]:
-        run_all(plan, options["budget"], runs_dir, extra, int(options["parallel"]))
-    rows = [read_run(config_name, seed, runs_dir / f"{config_name}-s{seed}")
-            for config_name, seed, _ in plan
-            if run_status(runs_dir / f"{config_name}-s{seed}") is not None]
+        if len(roots) != 1:
+            raise config.ConfigError("training needs one --runs_dir (several are for "
+                                     "--collect_only)")
+        run_all(plan, options["budget"], roots[0], extra, int(options["parallel"]))
+    found = collect(plan, roots)
+    rows = [row for row, _ in found]
     machines = sorted({row["machine"] for row in rows})
-    write_results(rows, Path(options["results_dir"]) / name,
-                  f"{options['grid']} grid, budget {options['budget']}: {len(rows)} runs on "
-                  f"{' / '.join(machines) or 'no machine yet'}")
-    print(f"results: {Path(options['results_dir']) / name}/leaderboard.md")
+    out = Path(options["out"]) if options["out"] else Path(options["results_dir"]) / name
+    write_results(rows, out, f"{options['grid']} grid, budget {options['budget']}: {len(rows)} "
+                  f"runs on {' / '.join(machines) or 'no machine yet'}")
+    if options["export"]:
+        for _, run_dir in found:
+            export_evidence(run_dir, Path(options["export"]) / name / run_dir.name)
+        print(f"evidence of {len(found)} runs: {Path(options['export']) / name}/")
+    print(f"results: {out}/leaderboard.md")
 
 
 if __name__ == "__main__":

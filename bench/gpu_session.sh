@@ -28,11 +28,7 @@ echo "== 3. study grid, cpu budget, 8 runs at a time" | tee "$out/sweep.txt"
 timeout "$sweep_seconds" python3 sweep.py --grid=study --budget=cpu --parallel=8 --num_workers=1 \
   --runs_dir=/tmp/gpu/study --results_dir="$out/results" --cache_dir=/tmp/gpu/cache 2>&1 \
   | grep -v "it/s\|study/s" | tee -a "$out/sweep.txt"
+# the leaderboard, and the per-run evidence behind every number (no weights, no predictions)
 python3 sweep.py --grid=study --budget=cpu --collect_only --runs_dir=/tmp/gpu/study \
-  --results_dir="$out/results" 2>&1 | tail -2 | tee -a "$out/sweep.txt"
-# the per-run evidence behind every leaderboard number (no weights, no predictions)
-tar -czf "$out/study_runs.tar.gz" -C /tmp/gpu/study \
-  $(cd /tmp/gpu/study && ls -d study-cpu/*/ 2>/dev/null | while read d; do
-      for f in config.json metrics.jsonl split.json eval/summary.json eval/per_case.csv train.log; do
-        [ -f "$d$f" ] && echo "$d$f"; done; done)
+  --results_dir="$out/results" --export="$out/runs" 2>&1 | tail -2 | tee -a "$out/sweep.txt"
 ls -la "$out" "$out/results"/* 2>/dev/null

@@ -67,3 +67,52 @@ def test_smoke_sweep_end_to_end(tmp_path):
     # rerunning skips finished runs and rebuilds the same leaderboard
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "start" not in again.stdout
+
+
+def test_paired_differences_never_pair_across_machines():
+    rows = [{**_row("published_combined", s, 0.4, 1.0), "machine": "gpu"} for s in range(3)]
+    rows += [{**_row("corrected_combined", s, 0.5, 1.0), "machine": "cpu"} for s in range(3)]
+    assert sweep.paired_differences(rows) == []  # no published run on the CPU: nothing to pair
+    rows += [{**_row("published_combined", s, 0.3 + 0.01 * s, 1.0), "machine": "cpu"} for s in range(3)]
+    (diff,) = sweep.paired_differences(rows)
+    assert diff["machine"] == "cpu" and math.isclose(diff["test_dice"], 0.19)
+    table = sweep.aggregate(rows)  # one row per configuration and machine
+    assert sorted((e["config"], e["machine"]) for e in table) == [
+        ("corrected_combined", "cpu"), ("published_combined", "cpu"), ("published_combined", "gpu")]
+
+
+def test_collect_the_committed_evidence_of_two_machines(tmp_path):
+    """The README's merged leaderboard is rebuilt from results/*/runs (no training): one row per
+    run found, the machine of each, and --export copies the evidence unchanged."""
+    roots = [ROOT / "results" / m / "runs" for m in ("h200", "cpu2core")]
+    expected = sum(sweep.run_status(d) is not None
+                   for r in roots for d in (r / "study-cpu").glob("*-s*"))
+    args = [sys.executable, "sweep.py", "--grid=study", "--budget=cpu", "--collect_only",
+            "--seeds=0,1,2", f"--runs_dir={roots[0]},{roots[1]}", f"--out={tmp_path / 'lb'}",
+            f"--export={tmp_path / 'evidence'}"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "lb" / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == expected > 23
+    assert {r["machine"].split(",")[0] for r in rows} == {"NVIDIA H200", "CPU (2 cores)"}
+    assert "| machine |" in (tmp_path / "lb" / "leaderboard.md").read_text()
+    run = next(r for r in rows if r["status"] == "ok")
+    exported = tmp_path / "evidence" / "study-cpu" / f"{run['config']}-s{run['seed']}"
+    source = next(r / "study-cpu" / exported.name for r in roots
+                  if (r / "study-cpu" / exported.name / "eval" / "summary.json").exists())
+    for name in ("config.json", "metrics.jsonl", "eval/summary.json", "eval/per_case.csv"):
+        assert (exported / name).read_bytes() == (source / name).read_bytes()
+    assert not list(exported.rglob("*.pt"))
+
+
+def test_sweep_help_and_bad_options():
+    help_ = subprocess.run([sys.executable, "sweep.py", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert help_.returncode == 0 and "--export=DIR" in help_.stdout
+    bad = subprocess.run([sys.executable, "sweep.py", "--grid=studdy", "--collect_only"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--grid is one of" in bad.stderr and "Traceback" not in bad.stderr
+    two = subprocess.run([sys.executable, "sweep.py", "--runs_dir=a,b", "--only=bce"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert two.returncode == 2 and "one --runs_dir" in two.stderr
