@@ -31,6 +31,7 @@ never used to choose anything (checkpoints are chosen on validation studies).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import re
@@ -98,6 +99,9 @@ STUDY = {
     "fpn_resnet34": {**CORRECTED, "model": "fpn_resnet34"},
     "deeplabv3plus_resnet34": {**CORRECTED, "model": "deeplabv3plus_resnet34"},
     "segformer_mit_b0": {**CORRECTED, "model": "segformer_mit_b0"},
+    # the U-Net closest in cost to transunet_small (6.6 M parameters, 1.7 GFLOP per 128^2
+    # slice, against 2.4 M and 0.53): the ResNet-34 baselines above cost 7-17x its FLOPs
+    "unet_mobilenet_v2": {**CORRECTED, "model": "unet_mobilenet_v2"},
 }
 
 GRIDS = {"study": STUDY, "headline": HEADLINE}
@@ -224,7 +228,7 @@ def prepare_data_once(settings: dict) -> None:
 COLUMNS = ["config", "seed", "status", "model", "w_bce", "w_tversky", "w_dice", "tversky_weighting",
            "tversky_fp_weight", "tversky_fn_weight", "tversky_gamma", "dice_log",
            "bce_pos_weight", "tune_threshold", "loss_reduction", "fg_fraction", "context_slices",
-           "steps",
+           "steps", "params_m", "gflop_per_slice",
            "test_dice", "test_dice_ci_low", "test_dice_ci_high", "fpv_ml_tumor_free", "fnv_ml",
            "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "n_test", "n_test_tumor",
            "best_val_pseudo_dice", "train_seconds", "machine"]
@@ -252,6 +256,29 @@ def run_status(run_dir: Path) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def model_cost(model: str, in_channels: int, img_size: int) -> tuple[float, float]:
+    """(million parameters, forward GFLOP per slice) of a configuration's model, built fresh
+    (torch's FlopCounterMode: a count of the operations, independent of the machine's load)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+
+    net = models.build_model(model, in_channels=in_channels, num_classes=1, img_size=img_size)
+    net.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(torch.zeros(1, in_channels, img_size, img_size))
+    params = sum(p.numel() for p in net.parameters())
+    return round(params / 1e6, 3), round(counter.get_total_flops() / 1e9, 3)
+
+
+def _cost_columns(cfg) -> dict:
+    params, gflop = model_cost(cfg.model, cfg.in_channels, cfg.img_size)
+    return {"params_m": params, "gflop_per_slice": gflop}
+
+
 def machine(run_dir: Path) -> str:
     """Where a run ran, from the environment facts in its config.json."""
     env = json.loads((run_dir / "config.json").read_text()).get("environment", {})
@@ -265,7 +292,8 @@ def diverged_row(name: str, seed: int, run_dir: Path) -> dict:
     cfg = config.load_config(run_dir)
     row = {key: getattr(cfg, key) for key in COLUMNS if hasattr(cfg, key)}
     row.update({key: math.nan for key in COLUMNS if key not in row})
-    row.update(config=name, seed=seed, status="diverged", machine=machine(run_dir))
+    row.update(config=name, seed=seed, status="diverged", machine=machine(run_dir),
+               **_cost_columns(cfg))
     return row
 
 
@@ -288,7 +316,7 @@ def read_run(name: str, seed: int, run_dir: Path) -> dict:
                lesion_recall=lesions["recall"], lesion_precision=lesions["precision"],
                lesion_f1=lesions["f1"], n_test=cohort["n_studies"], n_test_tumor=cohort["n_tumor"],
                best_val_pseudo_dice=max(val) if val else math.nan, status="ok",
-               machine=machine(run_dir),
+               machine=machine(run_dir), **_cost_columns(cfg),
                train_seconds=round(sum(e.get("seconds", 0.0) for e in epochs), 1))
     return row
 
@@ -308,6 +336,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (name, where), runs in by_config.items():
         diverged = sum(r.get("status") == "diverged" for r in runs)
         entry = {"config": name, "machine": where, "model": runs[0]["model"],
+                 "params_m": runs[0].get("params_m", math.nan),
+                 "gflop_per_slice": runs[0].get("gflop_per_slice", math.nan),
                  "seeds": len(runs), "diverged": diverged}
         for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "hd95_mm", "lesion_f1"):
             values = [r[key] for r in runs if not math.isnan(r[key])]
@@ -357,12 +387,14 @@ def write_results(rows: list[dict], out: Path, title: str) -> None:
     table = aggregate(rows)
     several = len({e["machine"] for e in table}) > 1  # then every row says where it ran
     where = lambda e: f" {short_machine(e['machine'])} |" if several else ""  # noqa: E731
-    lines = [f"# {title}", "", "| # | configuration | model |" + (" machine |" if several else "")
-             + " seeds | test Dice | FPV ml (tumour-free) | FNV ml | HD95 mm | lesion F1 | train s |",
-             "|---" * (11 if several else 10) + "|"]
+    lines = [f"# {title}", "", "| # | configuration | model (M params, GFLOP/slice) |"
+             + (" machine |" if several else "") + " seeds | test Dice | FPV ml (tumour-free) "
+             "| FNV ml | HD95 mm | lesion F1 | train s |", "|---" * (11 if several else 10) + "|"]
     for rank, e in enumerate(table, 1):
         pm = lambda k: _fmt(e[k]) + ("" if math.isnan(e[k + "_sd"]) else f" ± {_fmt(e[k + '_sd'])}")  # noqa: E731
-        head = f"| {rank} | {e['config']} | {e['model']} |{where(e)} {e['seeds']} |"
+        cost = "" if math.isnan(e["params_m"]) else \
+            f" ({e['params_m']:.1f}, {e['gflop_per_slice']:.2f})"
+        head = f"| {rank} | {e['config']} | {e['model']}{cost} |{where(e)} {e['seeds']} |"
         if e["diverged"]:
             lines.append(f"{head} diverged in {e['diverged']} of {e['seeds']} runs (non-finite "
                          "loss) | | | | | |")
