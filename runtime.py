@@ -137,6 +137,7 @@ def environment_facts() -> dict:
         "git_commit": git_commit(),
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
 
