@@ -19,6 +19,7 @@ Options (any other --key=value is a config.py setting applied to every run):
     --export=DIR           copy each collected run's evidence (config, split, metrics, log,
                            eval summary and per-case CSV; no weights) to DIR/<grid>-<budget>/
     --parallel=N  --collect_only  --dry_run
+    --sync_readme          copy the results files into the README blocks that name them
 
 Writes `leaderboard.{csv,md,png}`: one CSV row per configuration, seed and machine; the table
 gives mean ± SD over seeds per configuration and machine, and paired differences against the
@@ -462,6 +463,30 @@ def collect(plan: list[tuple[str, int, dict]], roots: list[Path]) -> list[tuple[
     return found
 
 
+README_BLOCK = re.compile(r"(<!-- from (\S+) -->\n)(.*?)(<!-- end -->)", re.S)
+
+
+def sync_readme(readme: Path, check: bool = False) -> list[str]:
+    """Put the current content of each committed results file into the README block that names
+    it (`<!-- from results/leaderboard.md -->` ... `<!-- end -->`), so that the README's tables
+    are the sweep's files, never numbers typed by hand. Returns the blocks that were (check:
+    would be) changed."""
+    text = readme.read_text()
+    changed = []
+
+    def fill(match: re.Match) -> str:
+        body = (readme.parent / match.group(2)).read_text()
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("# ")).strip()
+        if match.group(3).strip() != body:
+            changed.append(match.group(2))
+        return f"{match.group(1)}{body}\n{match.group(4)}"
+
+    new = README_BLOCK.sub(fill, text)
+    if changed and not check:
+        readme.write_text(new)
+    return changed
+
+
 def main(argv: list[str]) -> None:
     options = dict(grid="study", budget="cpu", seeds=None, runs_dir="runs/study",
                    results_dir="results", out="", export="", collect_only=False, dry_run=False,
@@ -470,6 +495,10 @@ def main(argv: list[str]) -> None:
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__)
+            return
+        if arg == "--sync_readme":
+            changed = sync_readme(Path(__file__).parent / "README.md")
+            print(f"README.md: updated {changed}" if changed else "README.md: up to date")
             return
         key, _, raw = arg.lstrip("-").partition("=")
         if key in options:
@@ -488,6 +517,9 @@ def main(argv: list[str]) -> None:
         for config_name, seed, overrides in plan:
             print(config_name, seed, overrides)
         return
+    if options["export"] and len(roots) != 1:  # the same run name on two machines would collide
+        raise config.ConfigError("--export copies the runs of one --runs_dir; export each "
+                                 "machine's runs separately")
     if not options["collect_only"]:
         if len(roots) != 1:
             raise config.ConfigError("training needs one --runs_dir (several are for "

@@ -83,27 +83,35 @@ def test_paired_differences_never_pair_across_machines():
 
 def test_collect_the_committed_evidence_of_two_machines(tmp_path):
     """The README's merged leaderboard is rebuilt from results/*/runs (no training): one row per
-    run found, the machine of each, and --export copies the evidence unchanged."""
+    run found, with the machine of each; --export copies one machine's evidence unchanged."""
     roots = [ROOT / "results" / m / "runs" for m in ("h200", "cpu2core")]
     expected = sum(sweep.run_status(d) is not None
                    for r in roots for d in (r / "study-cpu").glob("*-s*"))
-    args = [sys.executable, "sweep.py", "--grid=study", "--budget=cpu", "--collect_only",
-            "--seeds=0,1,2", f"--runs_dir={roots[0]},{roots[1]}", f"--out={tmp_path / 'lb'}",
-            f"--export={tmp_path / 'evidence'}"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    base = [sys.executable, "sweep.py", "--grid=study", "--budget=cpu", "--collect_only",
+            "--seeds=0,1,2"]
+    proc = subprocess.run([*base, f"--runs_dir={roots[0]},{roots[1]}", f"--out={tmp_path / 'lb'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_path / "lb" / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == expected > 23
     assert {r["machine"].split(",")[0] for r in rows} == {"NVIDIA H200", "CPU (2 cores)"}
     assert "| machine |" in (tmp_path / "lb" / "leaderboard.md").read_text()
-    run = next(r for r in rows if r["status"] == "ok")
-    exported = tmp_path / "evidence" / "study-cpu" / f"{run['config']}-s{run['seed']}"
-    source = next(r / "study-cpu" / exported.name for r in roots
-                  if (r / "study-cpu" / exported.name / "eval" / "summary.json").exists())
-    for name in ("config.json", "metrics.jsonl", "eval/summary.json", "eval/per_case.csv"):
-        assert (exported / name).read_bytes() == (source / name).read_bytes()
-    assert not list(exported.rglob("*.pt"))
+
+    proc = subprocess.run([*base, f"--runs_dir={roots[1]}", f"--out={tmp_path / 'cpu'}",
+                           f"--export={tmp_path / 'evidence'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [d for d in (roots[1] / "study-cpu").iterdir() if sweep.run_status(d) is not None]
+    for source in runs:
+        exported = tmp_path / "evidence" / "study-cpu" / source.name
+        for name in ("config.json", "metrics.jsonl", "train.log"):
+            assert (exported / name).read_bytes() == (source / name).read_bytes()
+        assert not list(exported.rglob("*.pt"))
+    refused = subprocess.run([*base, f"--runs_dir={roots[0]},{roots[1]}",
+                              f"--export={tmp_path / 'both'}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "one --runs_dir" in refused.stderr
 
 
 def test_sweep_help_and_bad_options():
@@ -116,3 +124,22 @@ def test_sweep_help_and_bad_options():
     two = subprocess.run([sys.executable, "sweep.py", "--runs_dir=a,b", "--only=bce"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert two.returncode == 2 and "one --runs_dir" in two.stderr
+
+
+def test_readme_tables_are_the_committed_results():
+    """Every `<!-- from FILE -->` block of the README holds FILE's current content (run
+    `python sweep.py --sync_readme` after collecting); the README shows at least the leaderboard."""
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- from results/leaderboard.md -->" in text
+    assert sweep.sync_readme(ROOT / "README.md", check=True) == []
+
+
+def test_sync_readme_fills_and_detects_drift(tmp_path):
+    (tmp_path / "r.md").write_text("# title\n\n| a |\n|---|\n| 1 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- from r.md -->\nold numbers\n<!-- end -->\noutro\n")
+    assert sweep.sync_readme(readme, check=True) == ["r.md"]
+    assert "old numbers" in readme.read_text()  # check mode changes nothing
+    assert sweep.sync_readme(readme) == ["r.md"]
+    assert readme.read_text() == "intro\n<!-- from r.md -->\n| a |\n|---|\n| 1 |\n<!-- end -->\noutro\n"
+    assert sweep.sync_readme(readme, check=True) == []
