@@ -430,6 +430,10 @@ def plot(table: list[dict], path: Path, title: str, several: bool = False) -> No
         values = [0.0 if math.isnan(e[key]) else e[key] for e in table][::-1]
         errors = [0.0 if math.isnan(e[key + "_sd"]) else e[key + "_sd"] for e in table][::-1]
         ax.barh(names, values, xerr=errors, color="tab:blue" if key == "test_dice" else "tab:red")
+        if key == "fpv_ml_tumor_free":  # a flooding baseline (10^4 ml) must not hide 0.3 vs 9 ml
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(left=0)  # volumes are >= 0; a wide SD bar would otherwise pull the axis
+            label += ", symmetric log scale"
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
