@@ -299,9 +299,7 @@ def diverged_row(name: str, seed: int, run_dir: Path) -> dict:
 
 
 def read_run(name: str, seed: int, run_dir: Path) -> dict:
-    """One leaderboard row from a finished run directory (nothing typed by hand)."""
-    if run_status(run_dir) == "diverged":
-        return diverged_row(name, seed, run_dir)
+    """One leaderboard row from an evaluated run directory (nothing typed by hand)."""
     cfg = config.load_config(run_dir)
     summary = _nan_for_none(json.loads((run_dir / "eval" / "summary.json").read_text()))
     cohort = summary.get("raw", summary)  # the un-post-processed figures are the headline
@@ -462,8 +460,10 @@ def collect(plan: list[tuple[str, int, dict]], roots: list[Path]) -> list[tuple[
     for config_name, seed, _ in plan:
         for root in roots:
             run_dir = root / f"{config_name}-s{seed}"
-            if run_status(run_dir) is not None:
-                found.append((read_run(config_name, seed, run_dir), run_dir))
+            status = run_status(run_dir)
+            if status is not None:
+                read = diverged_row if status == "diverged" else read_run
+                found.append((read(config_name, seed, run_dir), run_dir))
     return found
 
 
