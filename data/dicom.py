@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .geometry import assemble_study, read_nifti, resample_to_grid, same_grid
 from .study import DataError, Study, StudyRef, safe_id
 
 log = logging.getLogger(__name__)
@@ -295,8 +296,6 @@ def pet_suv_factor(dss: list) -> float:
 
 def load_dicom_study(ref: StudyRef, resample: bool = False) -> Study:
     """Read a DICOM StudyRef: PET -> SUV, CT (HU) resampled onto the PET grid, optional NIfTI mask."""
-    from .io import assemble_study, read_nifti, resample_to_grid, same_grid
-
     pet_raw, pet_affine, pet_dss = read_series(_series_files(ref.paths["pet"], ref.series_uids["pet"]))
     pet = pet_raw * np.float32(pet_suv_factor(pet_dss))
     ct, ct_affine, _ = read_series(_series_files(ref.paths["ct"], ref.series_uids["ct"]))

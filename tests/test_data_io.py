@@ -16,7 +16,8 @@ import pytest
 from conftest import TINY_AFFINE, TINY_SHAPE, TINY_STUDIES, make_tiny_study, write_autopet_study
 from data import DataError, Study, StudyRef, find_studies, load_study
 from data.check import check_dataset, main as check_main
-from data.io import resample_to_grid, write_png_study
+from data.geometry import resample_to_grid
+from data.io import write_png_study
 
 REPO = Path(__file__).resolve().parents[1]
 
