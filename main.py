@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,12 +19,10 @@ import torch
 
 import config
 import data
-import models
+import factory
 import runtime
 import test
 import training
-from data.phantom import generate as generate_phantom
-from loss import CombinedLoss
 
 
 def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
@@ -46,16 +43,8 @@ def resolve_run(cfg: config.Config) -> tuple[config.Config, Path]:
 
 def prepare_studies(cfg: config.Config) -> tuple[list, dict]:
     """Find (or generate) studies, preprocess them once into the cache, split by patient."""
-    data_dir = cfg.data_dir
-    if data_dir is None:  # the built-in phantom, generated once and reused
-        data_dir = str(Path(cfg.cache_dir) / "phantom" /
-                       f"{cfg.phantom_size}-seed{cfg.phantom_seed}-n{cfg.phantom_cases}")
-        generate_phantom(data_dir, cfg.phantom_cases, size=cfg.phantom_size, seed=cfg.phantom_seed,
-                         workers=min(8, os.cpu_count() or 1))
-    studies = test.cache_studies(cfg, data_dir)
-    split = data.split_cases(studies, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.split_seed,
-                             n_folds=cfg.n_folds, fold=cfg.fold)
-    return studies, split
+    manifest = factory.prepare_data(cfg)
+    return manifest.studies, manifest.split
 
 
 def write_run_files(cfg: config.Config, run_dir: Path, studies: list, split: dict) -> None:
@@ -79,31 +68,14 @@ def main(argv: list[str]) -> dict:
         studies, split = prepare_studies(cfg)
     by_id = {s.case_id: s for s in studies}
 
-    options = dict(n_skip=cfg.n_skip, grad_checkpointing=cfg.grad_checkpointing) \
-        if cfg.model.startswith("transunet") else {}
-    model = models.build_model(cfg.model, in_channels=cfg.in_channels, num_classes=1,
-                               img_size=cfg.img_size, pretrained=cfg.pretrained, **options)
-    loss_fn = CombinedLoss(w_bce=cfg.w_bce, w_tversky=cfg.w_tversky, w_dice=cfg.w_dice,
-                           alpha=cfg.tversky_fp_weight, beta=cfg.tversky_fn_weight,
-                           gamma=cfg.tversky_gamma, weighting=cfg.tversky_weighting,
-                           dice_log=cfg.dice_log, pos_weight=cfg.bce_pos_weight,
-                           reduction=cfg.loss_reduction)
-    train_set = data.PetCtSliceDataset(
-        [by_id[c] for c in split["train"]], img_size=cfg.img_size, fg_fraction=cfg.fg_fraction,
-        augment=cfg.augment, context_slices=cfg.context_slices,
-        samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size, seed=cfg.seed)
+    model = factory.build_model(cfg, pretrained=cfg.pretrained)
+    loss_fn = factory.build_loss(cfg)
+    train_set = factory.build_train_set(cfg, [by_id[c] for c in split["train"]])
     result = training.train(
         model=model, loss_fn=loss_fn, train_set=train_set,
         val_studies=[by_id[c] for c in split["val"]], run_dir=run_dir, device=device,
-        epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-        schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, poly_power=cfg.poly_power,
-        grad_clip=cfg.grad_clip, amp=cfg.amp, channels_last=cfg.channels_last,
-        compile=cfg.compile, num_workers=cfg.num_workers, val_every=cfg.val_every,
-        early_stop_patience=cfg.early_stop_patience, max_nonfinite=cfg.max_nonfinite,
-        seed=cfg.seed, deterministic=cfg.deterministic, resume=bool(cfg.resume),
-        config_dict=cfg.to_dict(), img_size=cfg.img_size, context_slices=cfg.context_slices,
-        val_batch_size=cfg.eval_batch_size, threshold=cfg.threshold)
+        settings=training.TrainSettings.from_config(cfg), resume=bool(cfg.resume),
+        run_config=cfg.to_dict())
     summary = {}
     if rank == 0 and not result.get("interrupted"):
         summary = test.evaluate(run_dir, device=device)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -94,12 +94,31 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker seeding: torch gives each worker `base_seed + worker_id` (base_seed drawn
-    from the loader's generator); pass the same seed on to NumPy and Python's `random`."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: "auto"/True -> bf16 on CUDA where supported, else fp16 (with GradScaler);
+    "bf16"/"fp16" force one; False/"off" or any CPU run with "auto" -> None (float32)."""
+    if amp in (False, None, "off", "False", "false"):
+        return None
+    if amp in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if amp in ("fp16", "float16"):
+        return torch.float16
+    if amp not in ("auto", True, "True", "true"):
+        from config import ConfigError
+        raise ConfigError(f"--amp={amp!r}: choose auto, True, False, bf16 or fp16")
+    if device.type != "cuda":
+        if amp == "auto":
+            return None
+        from config import ConfigError
+        raise ConfigError("--amp=True needs a CUDA device; use --amp=auto or --amp=False on CPU")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_flag(value: Any, device: torch.device) -> bool:
+    """"auto" -> True on CUDA, False elsewhere (channels_last)."""
+    if value == "auto":
+        return device.type == "cuda"
+    return value in (True, "True", "true")
 
 
 def _version(package: str) -> str | None:

@@ -17,11 +17,9 @@ returns with `interrupted=True`.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
-import os
-import random
 import signal
 import threading
 import time
@@ -35,18 +33,75 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+import checkpoint
 import runtime
+from data import worker_init_fn
+from runlog import LOSS_PARTS, RunLog, summary_line
 
 log = logging.getLogger(__name__)
-
-LOSS_PARTS = ("bce", "tversky", "dice")  # logged beside "total" when loss_fn.parts() gives them
-
 
 class TrainingError(RuntimeError):
     """A training run cannot go on because of a setting or the data (not a bug): the message says
     what happened and what to change."""
 
     user_error = True
+
+
+# ---- settings and state ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The settings the loop reads, by their config.py names (see the comments there).
+    `from_config` projects a resolved Config onto them, so the run's config.json stays the one
+    source of truth; tests build them directly."""
+
+    epochs: int
+    steps_per_epoch: int | None  # None: len(train_set) // batch_size
+    batch_size: int  # the global batch; each of W processes takes batch_size / W
+    lr: float
+    weight_decay: float
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    poly_power: float = 0.9
+    grad_clip: float = 1.0
+    amp: Any = "auto"
+    channels_last: Any = "auto"
+    compile: bool = False
+    num_workers: int = 0
+    val_every: int = 1
+    early_stop_patience: int = 0
+    max_nonfinite: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    img_size: int = 128
+    context_slices: int = 0
+    eval_batch_size: int = 32  # validation: slices per forward pass
+    threshold: float = 0.5
+    log_images: bool = True  # validation previews in TensorBoard
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TrainSettings":
+        names = {f.name for f in dataclasses.fields(cls)} - {"log_images"}
+        return cls(**{name: getattr(cfg, name) for name in names})
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; saved in every checkpoint and restored on resume. `epoch` counts the
+    epochs completed (training and validation), `step_in_epoch` the steps done in epoch `epoch`,
+    `epoch_sums` the running loss sums of that partial epoch."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    epoch_sums: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # one record per finished epoch (rank 0)
+    best_key: list | None = None  # [val pseudo-Dice, -val FPV] of the best epoch
+    best_epoch: int = 0
+    stale_validations: int = 0
+    seconds: float = 0.0  # training + validation time over all sessions of the run
 
 
 # ---- optimiser and learning-rate schedule ------------------------------------------------
@@ -82,84 +137,6 @@ def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: flo
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise TrainingError(f"optimizer={name!r}: choose adamw or sgd")
-
-
-def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: "auto"/True -> bf16 on CUDA where supported, else fp16 (with GradScaler);
-    "bf16"/"fp16" force one; False/"off" or any CPU run with "auto" -> None (float32)."""
-    if amp in (False, None, "off", "False", "false"):
-        return None
-    if amp in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if amp in ("fp16", "float16"):
-        return torch.float16
-    if amp not in ("auto", True, "True", "true"):
-        raise TrainingError(f"amp={amp!r}: choose auto, True, False, bf16 or fp16")
-    if device.type != "cuda":
-        if amp == "auto":
-            return None
-        raise TrainingError("amp=True needs a CUDA device; use --amp=auto or --amp=False on CPU")
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def resolve_flag(value: Any, device: torch.device) -> bool:
-    """"auto" -> True on CUDA, False elsewhere (channels_last)."""
-    if value == "auto":
-        return device.type == "cuda"
-    return value in (True, "True", "true")
-
-
-# ---- checkpoints and RNG state -----------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """Every RNG the loop uses, as plain lists / tensors (loadable with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, *rest = state["numpy"]
-    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Atomic write: a temporary file in the same folder, fsync, then os.replace (a reader sees
-    the old file or the new one, never half of one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `save_checkpoint`, loaded safely (weights_only=True) on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path} not found: nothing to resume; start a new run without --resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
-        raise TrainingError(f"{path} cannot be read ({type(exc).__name__}: {exc}); "
-                            "it is damaged or not a checkpoint of this project") from None
 
 
 # ---- stop signals ------------------------------------------------------------------------
@@ -390,93 +367,26 @@ def make_loader(train_set: Any, *, epoch: int, start_step: int, steps: int, batc
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(
         train_set, batch_size=batch_size // world_size, sampler=indices, num_workers=num_workers,
-        worker_init_fn=runtime.worker_init_fn, generator=generator, pin_memory=pin_memory)
-
-
-# ---- run-directory outputs (rank 0) ----------------------------------------------------------
-
-
-def _jsonable(record: dict) -> dict:
-    """NaN -> None so metrics.jsonl is strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """curves.png: training loss and its parts, validation Dice, against the epoch."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
-
-    fig = Figure(figsize=(10, 4))
-    ax_loss, ax_dice = fig.subplots(1, 2)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.2)
-    epochs = [r["epoch"] for r in history]
-    for key in ("train_loss", *(f"train_{k}" for k in LOSS_PARTS)):
-        if any(r.get(key) is not None for r in history):
-            ax_loss.plot(epochs, [r.get(key) or math.nan for r in history], label=key[6:])
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_loss.legend()
-    for key, label in (("val_pseudo_dice", "pseudo-Dice"), ("val_mean_dice", "mean per-study Dice")):
-        points = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
-        if points:
-            ax_dice.plot(*zip(*points), "o-", label=label)
-    ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation", ylim=(0, 1))
-    if ax_dice.lines:
-        ax_dice.legend()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=80, format="png")
-    os.replace(tmp, path)
-
-
-class RunLog:
-    """metrics.jsonl, TensorBoard (tb/) and curves.png, written by rank 0 only. On resume the
-    files are rebuilt from the checkpoint's history, so epochs finished after the saved state
-    (a crash between two saves) do not appear twice."""
-
-    def __init__(self, run_dir: Path, history: list[dict], step: int, enabled: bool) -> None:
-        self.enabled, self.run_dir = enabled, run_dir
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it writes
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in history))
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
-
-    def epoch(self, record: dict, history: list[dict], previews: list) -> None:
-        if not self.enabled:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and math.isfinite(value) and key not in ("epoch", "step"):
-                self.tb.add_scalar(key.replace("_", "/", 1), value, record["step"])
-        for case_id, preview in previews:  # (3, X, Y): PET | ground truth | prediction
-            strip = np.concatenate([p.T for p in preview], axis=1)[None]  # (1, Y, 3X), axial view
-            self.tb.add_image(f"val/{case_id}", strip, record["step"], dataformats="CHW")
-        self.tb.flush()
-        plot_curves(history, self.run_dir / "curves.png")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
+        worker_init_fn=worker_init_fn, generator=generator, pin_memory=pin_memory)
 
 
 # ---- set-up, checkpoint contents, resume -----------------------------------------------------
 
 
-def _check_settings(train_set: Any, *, epochs: int, steps_per_epoch: int | None, batch_size: int,
-                    world_size: int) -> int:
+def _check_settings(train_set: Any, s: TrainSettings, world_size: int) -> int:
     """Settings that would fail late or silently; returns steps_per_epoch."""
+    steps_per_epoch = s.steps_per_epoch
     if steps_per_epoch is None:
-        steps_per_epoch = len(train_set) // batch_size
-    if epochs < 1 or steps_per_epoch < 1 or batch_size < 1:
-        raise TrainingError(f"epochs={epochs}, steps_per_epoch={steps_per_epoch}, "
-                            f"batch_size={batch_size}: all must be >= 1")
-    if batch_size % world_size:
-        raise TrainingError(f"batch_size={batch_size} is the global batch and must be divisible "
+        steps_per_epoch = len(train_set) // s.batch_size
+    if s.epochs < 1 or steps_per_epoch < 1 or s.batch_size < 1:
+        raise TrainingError(f"epochs={s.epochs}, steps_per_epoch={steps_per_epoch}, "
+                            f"batch_size={s.batch_size}: all must be >= 1")
+    if s.batch_size % world_size:
+        raise TrainingError(f"batch_size={s.batch_size} is the global batch and must be divisible "
                             f"by the {world_size} processes; use a multiple of {world_size}")
-    if hasattr(train_set, "__len__") and len(train_set) < steps_per_epoch * batch_size:
+    if hasattr(train_set, "__len__") and len(train_set) < steps_per_epoch * s.batch_size:
         raise TrainingError(f"the training set has {len(train_set)} items per epoch but "
-                            f"steps_per_epoch * batch_size = {steps_per_epoch * batch_size}; build "
+                            f"steps_per_epoch * batch_size = {steps_per_epoch * s.batch_size}; build "
                             "it with samples_per_epoch = steps_per_epoch * batch_size")
     return steps_per_epoch
 
@@ -484,9 +394,9 @@ def _check_settings(train_set: Any, *, epochs: int, steps_per_epoch: int | None,
 def _gather_rng() -> list[dict]:
     """RNG states of every rank (rank r at index r); a collective call under DDP."""
     if not runtime.is_distributed():
-        return [rng_state()]
+        return [checkpoint.rng_state()]
     states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
+    dist.all_gather_object(states, checkpoint.rng_state())
     return states
 
 
@@ -508,8 +418,12 @@ def _from_rank0(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+_STATE_KEYS = ("epoch", "step_in_epoch", "epoch_sums", "history", "best_key", "best_epoch",
+               "stale_validations", "seconds")
+
+
 def _restore(loop: Loop, ckpt: dict, path: Path, *, rank: int, world_size: int,
-             steps_per_epoch: int, batch_size: int) -> dict:
+             steps_per_epoch: int, batch_size: int) -> LoopState:
     """Load a checkpoint into the loop; returns the run's position and bookkeeping."""
     for key, now in (("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
         if ckpt.get(key) != now:
@@ -525,136 +439,111 @@ def _restore(loop: Loop, ckpt: dict, path: Path, *, rank: int, world_size: int,
     loop.scaler.load_state_dict(ckpt["scaler"])
     loop.step, loop.nonfinite_total = ckpt["step"], ckpt["nonfinite_skipped"]
     if ckpt["world_size"] == world_size:
-        set_rng_state(ckpt["rng_states"][rank])
+        checkpoint.set_rng_state(ckpt["rng_states"][rank])
     else:  # other ranks' dropout streams cannot be matched: still a valid, seeded continuation
         log.warning("%s was written by %d process(es), this run has %d: resuming, but not "
                     "bit-identically", path, ckpt["world_size"], world_size)
-        set_rng_state(ckpt["rng_states"][0])
+        checkpoint.set_rng_state(ckpt["rng_states"][0])
         torch.manual_seed(ckpt["step"] * 1000 + rank)
     log.info("resumed %s: epoch %d, step %d (%d of the epoch)", path, ckpt["epoch"] + 1,
              ckpt["step"], ckpt["step_in_epoch"])
-    return {k: ckpt[k] for k in ("epoch", "step_in_epoch", "epoch_sums", "history", "best_key",
-                                 "best_epoch", "stale_validations", "seconds")}
+    return LoopState(**{k: ckpt[k] for k in _STATE_KEYS})
 
 
-def _checkpoint(loop: Loop, pos: dict, *, rng_states: list[dict], world_size: int,
-                steps_per_epoch: int, batch_size: int, config_dict: dict | None) -> dict:
+def _checkpoint_state(loop: Loop, state: LoopState, *, rng_states: list[dict], world_size: int,
+                      steps_per_epoch: int, batch_size: int, run_config: dict | None) -> dict:
     """Everything needed to continue exactly; only tensors / containers / str / numbers / None
     inside, so `torch.load(path, weights_only=True)` reads it."""
-    best_key = pos["best_key"]
     return {
         "model": loop.raw_model.state_dict(),  # unwrapped from DDP / torch.compile
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict(),
-        "epoch": pos["epoch"],  # epochs completed (training + validation)
-        "step_in_epoch": pos["step_in_epoch"],  # steps done in epoch `epoch` (0-based index)
-        "epoch_sums": pos["epoch_sums"],  # running loss sums of that partial epoch
+        **dataclasses.asdict(state),
         "step": loop.step,
-        "best_score": best_key[0] if best_key else None,
-        "best_key": best_key,
-        "best_epoch": pos["best_epoch"],
-        "stale_validations": pos["stale_validations"],
-        "history": pos["history"],
-        "seconds": pos["seconds"],
+        "best_score": state.best_key[0] if state.best_key else None,
         "nonfinite_skipped": loop.nonfinite_total,
         "rng_states": rng_states,
         "world_size": world_size,
         "steps_per_epoch": steps_per_epoch,
         "batch_size": batch_size,
-        "config": config_dict,
+        "config": run_config,
         "torch_version": str(torch.__version__),
     }
 
 
-def build_loop(model: nn.Module, loss_fn: Callable, device: torch.device, stop: StopSignal, *,
-               optimizer: str, lr: float, weight_decay: float, momentum: float, schedule: str,
-               total_steps: int, warmup_steps: int, poly_power: float, grad_clip: float,
-               amp: Any, channels_last: Any, compile: bool, max_nonfinite: int,
-               validation: dict) -> Loop:
+def build_loop(model: nn.Module, loss_fn: Callable, device: torch.device, stop: StopSignal,
+               s: TrainSettings, total_steps: int) -> Loop:
     """Model on the device (channels_last on CUDA), optimizer over its parameters, per-iteration
     LambdaLR, GradScaler (active only for fp16), then the DDP / torch.compile wrappers."""
-    amp_dtype = resolve_amp(amp, device)
-    use_channels_last = resolve_flag(channels_last, device)
+    amp_dtype = runtime.resolve_amp(s.amp, device)
+    use_channels_last = runtime.resolve_flag(s.channels_last, device)
     raw_model = model.to(device)
     if use_channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(raw_model, optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    opt = build_optimizer(raw_model, s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+                          momentum=s.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(
-        it, total_steps=total_steps, schedule=schedule, warmup_steps=warmup_steps,
-        poly_power=poly_power))
+        it, total_steps=total_steps, schedule=s.schedule, warmup_steps=s.warmup_steps,
+        poly_power=s.poly_power))
     net: nn.Module = raw_model
     if runtime.is_distributed():
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:
+    if s.compile:
         net = torch.compile(net)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    validation = dict(img_size=s.img_size, batch_size=s.eval_batch_size,
+                      context_slices=s.context_slices, amp_dtype=amp_dtype)
     return Loop(net, raw_model, loss_fn, opt, scheduler, scaler, device, amp_dtype,
-                use_channels_last, grad_clip, max_nonfinite, stop,
-                validation={**validation, "amp": amp_dtype is not None})
+                use_channels_last, s.grad_clip, s.max_nonfinite, stop, validation=validation)
 
 
-def _update_best(pos: dict, record: dict, *, has_val: bool, validated: bool, patience: int) -> tuple[bool, bool]:
+def _update_best(state: LoopState, record: dict, *, has_val: bool, validated: bool,
+                 patience: int) -> tuple[bool, bool]:
     """Best-checkpoint criterion: the highest validation pseudo-Dice; ties -> the lower mean FPV
     on tumour-free studies (NaN counts as 0 in both). Without validation studies the latest
     epoch is the best. Returns (improved, stop early: `patience` validations without gain)."""
     if not has_val:
-        pos.update(best_key=None, best_epoch=record["epoch"])
+        state.best_key, state.best_epoch = None, record["epoch"]
         return True, False
     if not validated:
         return False, False
     dice, fpv = record["val_pseudo_dice"], record["val_fpv_ml"]
     key = [dice if math.isfinite(dice) else 0.0, -fpv if math.isfinite(fpv) else 0.0]
-    improved = pos["best_key"] is None or key > pos["best_key"]
+    improved = state.best_key is None or key > state.best_key
     if improved:
-        pos.update(best_key=key, best_epoch=record["epoch"], stale_validations=0)
+        state.best_key, state.best_epoch, state.stale_validations = key, record["epoch"], 0
     else:
-        pos["stale_validations"] += 1
-    return improved, patience > 0 and pos["stale_validations"] >= patience
+        state.stale_validations += 1
+    return improved, patience > 0 and state.stale_validations >= patience
 
 
-def _summary_line(record: dict, epochs: int, pos: dict) -> str:
-    parts = " ".join(f"{k} {record[f'train_{k}']:.4f}" for k in LOSS_PARTS if f"train_{k}" in record)
-    line = (f"epoch {record['epoch']}/{epochs} step {record['step']} | loss "
-            f"{record['train_loss']:.4f}" + (f" ({parts})" if parts else ""))
-    if record.get("val_pseudo_dice") is not None:
-        line += (f" | val pseudo-Dice {record['val_pseudo_dice']:.4f}, mean Dice "
-                 f"{record['val_mean_dice']:.4f}, FPV {record['val_fpv_ml']:.2f} ml")
-    line += f" | lr {record['lr']:.2e} | {record['seconds']:.1f} s"
-    if record["nonfinite_skipped"]:
-        line += f" | {record['nonfinite_skipped']} non-finite steps skipped"
-    if pos["best_key"] is not None:
-        line += f" | best {pos['best_key'][0]:.4f} (epoch {pos['best_epoch']})"
-    return line
-
-
-def _fit(loop: Loop, pos: dict, runlog: RunLog, save: Callable[[dict, bool], None], *,
-         train_set: Any, val_studies: list, epochs: int, steps_per_epoch: int, batch_size: int,
-         rank: int, world_size: int, num_workers: int, seed: int, val_every: int,
-         early_stop_patience: int, threshold: float, log_images: bool) -> dict:
-    """The epoch loop from the position `pos` on; returns how it ended."""
-    start, seconds0 = time.perf_counter(), pos["seconds"]
+def _fit(loop: Loop, state: LoopState, runlog: RunLog, save: Callable[[LoopState, bool], None], *,
+         train_set: Any, val_studies: list, s: TrainSettings, steps_per_epoch: int, rank: int,
+         world_size: int) -> dict:
+    """The epoch loop from the position `state` on; returns how it ended."""
+    start, seconds0 = time.perf_counter(), state.seconds
     outcome = {"interrupted": False, "stopped_early": False}
-    for epoch in range(pos["epoch"], epochs):
-        epoch_start, desc = time.perf_counter(), f"epoch {epoch + 1}/{epochs}"
-        loader = make_loader(train_set, epoch=epoch, start_step=pos["step_in_epoch"],
-                             steps=steps_per_epoch, batch_size=batch_size, rank=rank,
-                             world_size=world_size, num_workers=num_workers, seed=seed,
+    for epoch in range(state.epoch, s.epochs):
+        epoch_start, desc = time.perf_counter(), f"epoch {epoch + 1}/{s.epochs}"
+        loader = make_loader(train_set, epoch=epoch, start_step=state.step_in_epoch,
+                             steps=steps_per_epoch, batch_size=s.batch_size, rank=rank,
+                             world_size=world_size, num_workers=s.num_workers, seed=s.seed,
                              pin_memory=loop.device.type == "cuda")
         train = run_epoch(loop, "train", batches=loader, total=steps_per_epoch,
-                          start=pos["step_in_epoch"], sums=pos["epoch_sums"], desc=desc)
-        pos.update(step_in_epoch=train["done"], epoch_sums=train["sums"],
-                   seconds=seconds0 + time.perf_counter() - start)
+                          start=state.step_in_epoch, sums=state.epoch_sums, desc=desc)
+        state.step_in_epoch, state.epoch_sums = train["done"], train["sums"]
+        state.seconds = seconds0 + time.perf_counter() - start
         if train["interrupted"]:
-            save(pos, False)
+            save(state, False)
             return {**outcome, "interrupted": True}
-        validated = bool(val_studies) and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs)
+        validated = bool(val_studies) and ((epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs)
         val, improved, early = {}, False, False
         if rank == 0:
             if validated:
                 val = run_epoch(loop, "val", studies=val_studies, total=len(val_studies),
-                                desc=desc, threshold=threshold)
+                                desc=desc, threshold=s.threshold)
             record = {"epoch": epoch + 1, "step": loop.step,
                       **{k: v for k, v in train.items() if k.startswith("train_")},
                       **{k: val.get(k) for k in ("val_pseudo_dice", "val_mean_dice", "val_fpv_ml")},
@@ -662,98 +551,84 @@ def _fit(loop: Loop, pos: dict, runlog: RunLog, save: Callable[[dict, bool], Non
                       "seconds": time.perf_counter() - epoch_start,
                       "nonfinite_skipped": loop.nonfinite_total}
             if not val.get("interrupted"):
-                improved, early = _update_best(pos, record, has_val=bool(val_studies),
-                                               validated=validated, patience=early_stop_patience)
+                improved, early = _update_best(state, record, has_val=bool(val_studies),
+                                               validated=validated, patience=s.early_stop_patience)
         val_interrupted, early = _from_rank0([float(bool(val.get("interrupted"))), float(early)], loop.device)
         if val_interrupted:  # training of this epoch is done; resume re-runs its validation
-            save(pos, False)
+            save(state, False)
             return {**outcome, "interrupted": True}
         if rank == 0:
-            pos["history"].append(record)
-        pos.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums={},
-                   seconds=seconds0 + time.perf_counter() - start)
-        save(pos, improved)
+            state.history.append(record)
+        state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+        state.seconds = seconds0 + time.perf_counter() - start
+        save(state, improved)
         if rank == 0:
-            runlog.epoch(record, pos["history"], val.get("previews", []) if log_images else [])
-            log.info(_summary_line(record, epochs, pos))
+            runlog.epoch(record, state.history, val.get("previews", []) if s.log_images else [])
+            log.info(summary_line(record, s.epochs, state.best_key, state.best_epoch))
         if _any_rank(loop.stop.signum > 0, loop.device):
             return {**outcome, "interrupted": True}
         if early:
-            log.info("early stop: no better validation in %d validations", early_stop_patience)
+            log.info("early stop: no better validation in %d validations", s.early_stop_patience)
             return {**outcome, "stopped_early": True}
     return outcome
 
 
 def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: list,
-          run_dir: str | Path, device: torch.device | str, epochs: int,
-          steps_per_epoch: int | None, batch_size: int, optimizer: str = "adamw", lr: float,
-          weight_decay: float, momentum: float = 0.9, schedule: str = "cosine",
-          warmup_steps: int = 0, poly_power: float = 0.9, grad_clip: float = 1.0,
-          amp: Any = "auto", channels_last: Any = "auto", compile: bool = False,
-          num_workers: int = 0, val_every: int = 1, early_stop_patience: int = 0,
-          max_nonfinite: int = 10, seed: int = 0, deterministic: bool = False,
-          resume: bool = False, config_dict: dict | None = None, img_size: int,
-          context_slices: int = 0, val_batch_size: int = 32, threshold: float = 0.5,
-          log_images: bool = True) -> dict:
+          run_dir: str | Path, device: torch.device | str, settings: TrainSettings,
+          resume: bool = False, run_config: dict | None = None) -> dict:
     """Train `model` (logits (B, 1, S, S)) on `train_set` (map-style, items (image (C, S, S),
     mask (1, S, S)), `set_epoch(e)`, item i of epoch e a function of (seed, e, i), at least
     steps_per_epoch * batch_size items) and validate on whole `val_studies` (data.CachedStudy).
 
-    batch_size is the global batch: under torchrun each of W processes takes batch_size / W.
-    Writes into run_dir: train.log, metrics.jsonl, tb/, curves.png, checkpoints/{last,best}.pt
-    (rank 0 only). `resume=True` continues from run_dir/checkpoints/last.pt exactly.
+    `settings`: the loop's settings (TrainSettings.from_config(cfg)); `run_config`: the run's
+    resolved config as a dict, stored in every checkpoint. batch_size is the global batch: under
+    torchrun each of W processes takes batch_size / W. Writes into run_dir: train.log,
+    metrics.jsonl, tb/, curves.png, checkpoints/{last,best}.pt (rank 0 only). `resume=True`
+    continues from run_dir/checkpoints/last.pt exactly.
 
     Returns {"best_epoch", "best_score" (pseudo-Dice, None without validation), "epochs_run"
     (epochs completed), "steps", "seconds", "stopped_early", "interrupted", "signal" (the
     signal number that stopped the run, else 0), "nonfinite_skipped"} (figures of rank 0).
     """
+    s = settings
     run_dir, device = Path(run_dir), torch.device(device)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if runtime.is_distributed() else (0, 1)
-    steps_per_epoch = _check_settings(train_set, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                      batch_size=batch_size, world_size=world_size)
+    steps_per_epoch = _check_settings(train_set, s, world_size)
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     if not resume and last_path.exists():
         raise TrainingError(f"{run_dir} already holds a run ({last_path}); continue it with "
                             f"--resume={run_dir} or choose another --run_name")
+    if resume and not last_path.is_file():
+        raise TrainingError(f"{last_path} not found: nothing to resume; start a new run "
+                            "without --resume")
     runtime.setup_logging(run_dir, rank=rank)
-    runtime.seed_everything(seed + rank, deterministic=deterministic)  # ranks: different dropout
+    runtime.seed_everything(s.seed + rank, deterministic=s.deterministic)  # ranks: different dropout
     with StopSignal() as stop:
-        loop = build_loop(model, loss_fn, device, stop, optimizer=optimizer, lr=lr,
-                          weight_decay=weight_decay, momentum=momentum, schedule=schedule,
-                          total_steps=epochs * steps_per_epoch, warmup_steps=warmup_steps,
-                          poly_power=poly_power, grad_clip=grad_clip, amp=amp,
-                          channels_last=channels_last, compile=compile,
-                          max_nonfinite=max_nonfinite, validation=dict(
-                              img_size=img_size, batch_size=val_batch_size,
-                              context_slices=context_slices))
-        pos = {"epoch": 0, "step_in_epoch": 0, "epoch_sums": {}, "history": [], "best_key": None,
-               "best_epoch": 0, "stale_validations": 0, "seconds": 0.0}
+        loop = build_loop(model, loss_fn, device, stop, s, total_steps=s.epochs * steps_per_epoch)
+        state = LoopState()
         if resume:
-            pos = _restore(loop, load_checkpoint(last_path), last_path, rank=rank,
-                           world_size=world_size, steps_per_epoch=steps_per_epoch,
-                           batch_size=batch_size)
+            state = _restore(loop, checkpoint.load_checkpoint(last_path), last_path, rank=rank,
+                             world_size=world_size, steps_per_epoch=steps_per_epoch,
+                             batch_size=s.batch_size)
         log.info("training %s on %s (%d process(es)): %d epochs x %d steps, global batch %d, "
                  "%s, amp %s, from epoch %d step %d", type(loop.raw_model).__name__, device,
-                 world_size, epochs, steps_per_epoch, batch_size, optimizer, loop.amp_dtype,
-                 pos["epoch"] + 1, loop.step)
+                 world_size, s.epochs, steps_per_epoch, s.batch_size, s.optimizer, loop.amp_dtype,
+                 state.epoch + 1, loop.step)
 
-        def save(position: dict, best: bool) -> None:
+        def save(position: LoopState, best: bool) -> None:
             rng_states = _gather_rng()  # collective: every rank calls save at the same point
             if rank == 0:
-                state = _checkpoint(loop, position, rng_states=rng_states, world_size=world_size,
-                                    steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                                    config_dict=config_dict)
-                save_checkpoint(state, last_path)
+                ckpt = _checkpoint_state(loop, position, rng_states=rng_states,
+                                         world_size=world_size, steps_per_epoch=steps_per_epoch,
+                                         batch_size=s.batch_size, run_config=run_config)
+                checkpoint.save_checkpoint(ckpt, last_path)
                 if best:
-                    save_checkpoint(state, best_path)
+                    checkpoint.save_checkpoint(ckpt, best_path)
 
-        runlog = RunLog(run_dir, pos["history"], loop.step, enabled=rank == 0)
+        runlog = RunLog(run_dir, state.history, loop.step, enabled=rank == 0)
         try:
-            outcome = _fit(loop, pos, runlog, save, train_set=train_set, val_studies=val_studies,
-                           epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                           rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
-                           val_every=val_every, early_stop_patience=early_stop_patience,
-                           threshold=threshold, log_images=log_images)
+            outcome = _fit(loop, state, runlog, save, train_set=train_set, val_studies=val_studies,
+                           s=s, steps_per_epoch=steps_per_epoch, rank=rank, world_size=world_size)
         except TrainingError as exc:
             log.error("training stopped: %s", exc)  # also in train.log, for the sweep's record
             raise
@@ -762,10 +637,10 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
     if outcome["interrupted"]:
         log.warning("stopped by signal %s at epoch %d, step %d; %s saved: continue with "
                     "python main.py --resume=%s", stop.signum or "(another rank)",
-                    pos["epoch"] + 1, loop.step, last_path, run_dir)
+                    state.epoch + 1, loop.step, last_path, run_dir)
     runtime.barrier()
-    return {"best_epoch": pos["best_epoch"],
-            "best_score": pos["best_key"][0] if pos["best_key"] else None,
-            "epochs_run": pos["epoch"], "steps": loop.step, "seconds": pos["seconds"],
+    return {"best_epoch": state.best_epoch,
+            "best_score": state.best_key[0] if state.best_key else None,
+            "epochs_run": state.epoch, "steps": loop.step, "seconds": state.seconds,
             "stopped_early": outcome["stopped_early"], "interrupted": outcome["interrupted"],
             "signal": stop.signum, "nonfinite_skipped": loop.nonfinite_total}

@@ -1,4 +1,4 @@
-"""Benchmark: MedPy hd95 + assd on the full volume vs test.case_metrics' bounding-box crop.
+"""Benchmark: MedPy hd95 + assd on the full volume vs metrics.case_metrics' bounding-box crop.
 
     python bench/bench_metrics.py                 # 300x200x200 study, 4 small lesions, ~1 min on a CPU
     (two placements: lesions in one region, and spread over the whole volume)
@@ -20,7 +20,7 @@ import numpy as np
 from medpy.metric import binary as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-import test as evaluation  # noqa: E402
+import metrics  # noqa: E402
 
 
 def make_volume(shape=(300, 200, 200), seed=0, spread: bool = True,
@@ -64,7 +64,7 @@ def main() -> None:
                         mp.assd(pred, ref, voxelspacing=spacing))
 
         def cropped():
-            m = evaluation.case_metrics(pred, ref, spacing)
+            m = metrics.case_metrics(pred, ref, spacing)
             return m["hd95_mm"], m["assd_mm"]
 
         t_full, v_full = best_time(full, args.repeats)

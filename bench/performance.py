@@ -12,7 +12,7 @@ one measures side by side:
 |------------------------------------------|---------------------|-----------------------------|
 | model step time                          | bench_model.py      | TransUNet R50-ViT-B/16 vs smp Unet(resnet50), interleaved steps |
 | loader throughput vs model consumption   | bench_loader.py     | slices/s of the loader vs of a training step |
-| metric speed-up                          | bench_metrics.py    | MedPy hd95+assd on the full volume vs test.case_metrics (crop) |
+| metric speed-up                          | bench_metrics.py    | MedPy hd95+assd on the full volume vs metrics.case_metrics (crop) |
 | preprocessing memory (optional)          | bench_preprocess.py | peak RSS for 5 vs 20 studies |
 
 A ratio is only meaningful from one run: both sides share the machine's load at that moment.

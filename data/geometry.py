@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -152,3 +153,15 @@ def assemble_study(*, ct, ct_affine, ct_path, pet, pet_affine, pet_path, mask=No
                  mask=mask, spacing=spacing_from_affine(pet_affine),
                  affine=np.asarray(pet_affine, np.float64), case_id=case_id, patient_id=patient_id,
                  source=source)
+
+
+def save_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Binary (X, Y, Z) mask -> uint8 NIfTI with the study's affine (atomic: temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), np.asarray(affine, np.float64))
+    image.set_qform(image.affine, code=1)  # scanner coordinates, so viewers align with the PET
+    image.set_sform(image.affine, code=1)
+    tmp = path.with_name(f".tmp-{path.name}")  # keeps the .nii.gz suffix nibabel reads
+    nib.save(image, tmp)
+    os.replace(tmp, path)

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import inference
+import metrics
+import pictures
 import test as evaluation
+from data.geometry import save_mask_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +104,7 @@ def test_nifti_round_trip_keeps_affine_and_shape(tmp_path):
     mask = np.zeros((7, 6, 5), bool)
     mask[2:4, 1:3, 1:4] = True
     path = tmp_path / "pred" / "case_1.nii.gz"
-    evaluation.save_mask_nifti(mask, affine, path)
+    save_mask_nifti(mask, affine, path)
     image = nib.load(path)
     np.testing.assert_allclose(image.affine, affine, atol=1e-5)
     assert image.get_data_dtype() == np.uint8
@@ -114,10 +118,10 @@ def test_postprocess_drops_small_components_and_low_suv():
     mask[7, 7, 7] = True  # 1 voxel = 0.008 ml
     suv = np.full(mask.shape, 3.0)
     suv[1, 1, 1] = 0.5
-    out = evaluation.postprocess_mask(mask, spacing=(2, 2, 2), suv=suv, suv_floor=1.0,
+    out = metrics.postprocess_mask(mask, spacing=(2, 2, 2), suv=suv, suv_floor=1.0,
                                       min_component_ml=0.1)
     assert out.sum() == 26 and not out[7, 7, 7] and not out[1, 1, 1]
-    assert evaluation.postprocess_mask(mask, spacing=(2, 2, 2)).sum() == 28  # disabled
+    assert metrics.postprocess_mask(mask, spacing=(2, 2, 2)).sum() == 28  # disabled
 
 
 def test_overlay_png_written(tmp_path):
@@ -126,14 +130,13 @@ def test_overlay_png_written(tmp_path):
     ref = np.zeros(suv.shape, bool)
     ref[4:7, 4:7, 3:6] = True
     pred = np.roll(ref, 1, axis=0)
-    path = tmp_path / "overlays" / "c.png"
-    evaluation.save_overlay(suv, ref, pred, (2.0, 2.0, 3.0), path, title="c")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    evaluation.save_overlay(suv, ref * 0, pred * 0, (2.0, 2.0, 3.0), path)  # empty: no error
+    png = pictures.overlay_png(suv, ref, pred, (2.0, 2.0, 3.0), title="c")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pictures.overlay_png(suv, ref * 0, pred * 0, (2.0, 2.0, 3.0))[:8] == png[:8]  # empty: no error
 
 
 def test_csv_columns_and_nan(tmp_path):
-    row = {"case_id": "a", **evaluation.case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)),
+    row = {"case_id": "a", **metrics.case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)),
                                                       (1, 1, 1))}
     evaluation.write_per_case_csv([row], tmp_path / "per_case.csv")
     header, line = (tmp_path / "per_case.csv").read_text().splitlines()
@@ -243,7 +246,7 @@ def test_predict_dir_never_writes_into_input(tiny_run_dir, toy_models, tmp_path)
 
 def test_evaluate_missing_checkpoint_is_a_user_error(tiny_run_dir, toy_models):
     run_dir, _ = tiny_run_dir
-    with pytest.raises(evaluation.EvaluationError, match="last.pt"):
+    with pytest.raises(checkpoint.CheckpointError, match="last.pt"):
         evaluation.evaluate(run_dir, checkpoint="last", progress=False)
 
 
@@ -261,7 +264,7 @@ def test_choose_threshold_maximises_pooled_validation_dice(monkeypatch):
     monkeypatch.setattr(evaluation, "_study_volumes",
                         lambda cached, suv_max: (None, refs[id(cached)], "original"))
     threshold, curve = evaluation.choose_threshold(
-        PetLogit(), studies, img_size=16, batch_size=4, device=torch.device("cpu"), amp=False,
+        PetLogit(), studies, img_size=16, batch_size=4, device=torch.device("cpu"), amp_dtype=None,
         tta=False, context_slices=0, suv_max=20.0)
     # prob > t  <=>  PET > logit(t) / 10; the reference is PET > 0.3, i.e. t = sigmoid(3) = 0.953
     assert threshold == 0.95 and curve["0.95"] == max(curve.values())

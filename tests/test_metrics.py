@@ -1,4 +1,4 @@
-"""test.case_metrics / summarise_cohort against MedPy and hand-computed volumes."""
+"""metrics.case_metrics / summarise_cohort against MedPy and hand-computed volumes."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from medpy.metric import binary as mp
 
-import test as evaluation
+import metrics
 
 
 def cube(shape, lo, size):
@@ -21,7 +21,7 @@ SHAPE = (24, 20, 18)
 # ---- empty-case policy: all four combinations ---------------------------------------------
 
 def test_both_empty():
-    m = evaluation.case_metrics(np.zeros(SHAPE), np.zeros(SHAPE), (1.0, 1.0, 1.0))
+    m = metrics.case_metrics(np.zeros(SHAPE), np.zeros(SHAPE), (1.0, 1.0, 1.0))
     assert m["has_tumor"] is False
     for key in ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "precision", "fnv_ml"):
         assert math.isnan(m[key]), key
@@ -32,7 +32,7 @@ def test_both_empty():
 
 def test_empty_reference_prediction_present():
     pred = cube(SHAPE, (2, 2, 2), 3)
-    m = evaluation.case_metrics(pred, np.zeros(SHAPE), (2.0, 2.0, 3.0))
+    m = metrics.case_metrics(pred, np.zeros(SHAPE), (2.0, 2.0, 3.0))
     assert m["has_tumor"] is False
     for key in ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "fnv_ml"):
         assert math.isnan(m[key]), key
@@ -43,7 +43,7 @@ def test_empty_reference_prediction_present():
 
 def test_empty_prediction_reference_present():
     ref = cube(SHAPE, (2, 2, 2), 3)
-    m = evaluation.case_metrics(np.zeros(SHAPE), ref, (2.0, 2.0, 3.0))
+    m = metrics.case_metrics(np.zeros(SHAPE), ref, (2.0, 2.0, 3.0))
     assert m["has_tumor"] is True
     assert m["dice"] == 0.0 and m["iou"] == 0.0 and m["sensitivity"] == 0.0
     for key in ("hd95_mm", "assd_mm", "precision"):
@@ -59,7 +59,7 @@ def test_both_present_matches_medpy():
     pred = cube(SHAPE, (6, 4, 4), 5)
     pred[rng.random(SHAPE) > 0.995] = 1  # scattered false positives
     spacing = (0.8, 1.3, 3.0)
-    m = evaluation.case_metrics(pred, ref, spacing)
+    m = metrics.case_metrics(pred, ref, spacing)
     assert m["dice"] == pytest.approx(mp.dc(pred, ref), abs=1e-12)
     assert m["iou"] == pytest.approx(mp.jc(pred, ref), abs=1e-12)
     assert m["sensitivity"] == pytest.approx(mp.recall(pred, ref), abs=1e-12)
@@ -77,7 +77,7 @@ def test_anisotropic_known_distances():
     # from the nearest surface layer of the other: 30, 27, 24 mm, for 9, 8, 9 voxels.
     pred = cube((20, 20, 20), (2, 2, 2), 3)
     ref = cube((20, 20, 20), (2, 2, 12), 3)
-    m = evaluation.case_metrics(pred, ref, (0.5, 2.0, 3.0))
+    m = metrics.case_metrics(pred, ref, (0.5, 2.0, 3.0))
     assert m["hd95_mm"] == pytest.approx(30.0)
     assert m["assd_mm"] == pytest.approx((9 * 30 + 8 * 27 + 9 * 24) / 26)
     assert m["dice"] == 0.0
@@ -86,13 +86,13 @@ def test_anisotropic_known_distances():
     assert m["fnv_ml"] == pytest.approx(27 * voxel_ml)
     assert m["pred_volume_ml"] == m["ref_volume_ml"] == pytest.approx(27 * voxel_ml)
     # axis order matters: the same cubes with the spacing reversed are 5 mm apart per slice
-    assert evaluation.case_metrics(pred, ref, (3.0, 2.0, 0.5))["hd95_mm"] == pytest.approx(5.0)
+    assert metrics.case_metrics(pred, ref, (3.0, 2.0, 0.5))["hd95_mm"] == pytest.approx(5.0)
 
 
 def test_known_overlap():
     ref = cube(SHAPE, (2, 2, 2), 4)  # 64 voxels
     pred = cube(SHAPE, (2, 2, 4), 4)  # 64 voxels, 32 shared
-    m = evaluation.case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    m = metrics.case_metrics(pred, ref, (1.0, 1.0, 1.0))
     assert m["dice"] == pytest.approx(2 * 32 / 128)
     assert m["iou"] == pytest.approx(32 / 96)
     assert m["sensitivity"] == m["precision"] == pytest.approx(0.5)
@@ -107,12 +107,12 @@ def test_18_connectivity_edge_connects_corner_does_not():
     # prediction: the hit voxel plus one sharing only an edge -> one component, no FP
     pred = ref.copy()
     pred[3, 3, 2] = 1
-    m = evaluation.case_metrics(pred, ref, spacing)
+    m = metrics.case_metrics(pred, ref, spacing)
     assert m["fpv_ml"] == 0.0 and m["n_fp_components"] == 0
     # ... plus one sharing only a corner -> a separate, false-positive component
     pred = ref.copy()
     pred[3, 3, 3] = 1
-    m = evaluation.case_metrics(pred, ref, spacing)
+    m = metrics.case_metrics(pred, ref, spacing)
     assert m["fpv_ml"] == pytest.approx(0.008) and m["n_fp_components"] == 1
 
     # the same for ground-truth lesions: edge-touching voxels form one lesion (detected)
@@ -120,18 +120,18 @@ def test_18_connectivity_edge_connects_corner_does_not():
     pred[2, 2, 2] = 1
     gt = pred.copy()
     gt[2, 3, 3] = 1
-    m = evaluation.case_metrics(pred, gt, spacing)
+    m = metrics.case_metrics(pred, gt, spacing)
     assert m["fnv_ml"] == 0.0 and (m["n_lesions"], m["n_lesions_detected"]) == (1, 1)
     gt = pred.copy()
     gt[3, 3, 3] = 1  # corner only: a second, missed lesion
-    m = evaluation.case_metrics(pred, gt, spacing)
+    m = metrics.case_metrics(pred, gt, spacing)
     assert m["fnv_ml"] == pytest.approx(0.008) and (m["n_lesions"], m["n_lesions_detected"]) == (2, 1)
 
 
 def test_lesion_counts_several_components():
     ref = cube(SHAPE, (1, 1, 1), 3) + cube(SHAPE, (10, 10, 10), 3) + cube(SHAPE, (18, 2, 12), 2)
     pred = cube(SHAPE, (2, 2, 2), 3) + cube(SHAPE, (15, 15, 2), 2)  # hits lesion 1, one FP
-    m = evaluation.case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    m = metrics.case_metrics(pred, ref, (1.0, 1.0, 1.0))
     assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (3, 1, 1)
     assert m["fnv_ml"] == pytest.approx((27 + 8) / 1000)
     assert m["fpv_ml"] == pytest.approx(8 / 1000)
@@ -152,16 +152,16 @@ def test_bbox_crop_identical_to_full_volume(seed):
     ref[0, 5:9, 3:6] = 1  # touches the volume border: the crop must not add a margin there
     pred[-1, 0, -1] = 1
     spacing = tuple(rng.uniform(0.5, 4.0, 3))
-    m = evaluation.case_metrics(pred, ref, spacing)
+    m = metrics.case_metrics(pred, ref, spacing)
     assert m["hd95_mm"] == mp.hd95(pred, ref, voxelspacing=spacing)
     assert m["assd_mm"] == mp.assd(pred, ref, voxelspacing=spacing)
-    box = evaluation._union_bbox(pred != 0, ref != 0)
+    box = metrics._union_bbox(pred != 0, ref != 0)
     assert all(b.start >= 0 and b.stop <= n for b, n in zip(box, shape))
 
 
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shape"):
-        evaluation.case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
+        metrics.case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
 
 
 # ---- cohort ----------------------------------------------------------------------------------
@@ -173,13 +173,13 @@ def _rows():
         ref = cube(SHAPE, (3, 3, 3), 4) if i % 2 == 0 else np.zeros(SHAPE, np.uint8)
         pred = cube(SHAPE, tuple(int(v) for v in rng.integers(2, 6, 3)), 4) if i % 3 else \
             np.zeros(SHAPE, np.uint8)
-        rows.append({"case_id": f"c{i}", **evaluation.case_metrics(pred, ref, (1.0, 2.0, 3.0))})
+        rows.append({"case_id": f"c{i}", **metrics.case_metrics(pred, ref, (1.0, 2.0, 3.0))})
     return rows
 
 
 def test_summary_means_cover_the_right_studies():
     rows = _rows()
-    s = evaluation.summarise_cohort(rows, n_bootstrap=200, seed=0)
+    s = metrics.summarise_cohort(rows, n_bootstrap=200, seed=0)
     assert (s["n_studies"], s["n_tumor"], s["n_tumor_free"]) == (12, 6, 6)
     tumour = [r for r in rows if r["has_tumor"]]
     free = [r for r in rows if not r["has_tumor"]]
@@ -201,21 +201,21 @@ def test_summary_means_cover_the_right_studies():
 
 def test_bootstrap_ci_contains_mean_and_is_seeded():
     rows = _rows()
-    s = evaluation.summarise_cohort(rows, n_bootstrap=500, seed=1)
+    s = metrics.summarise_cohort(rows, n_bootstrap=500, seed=1)
     for key in ("dice", "fpv_ml", "fpv_ml_tumor_free", "fnv_ml"):
         low, high = s["metrics"][key]["ci95"]
         assert low <= s["metrics"][key]["mean"] <= high, key
     dice_ci = s["metrics"]["dice"]["ci95"]
     assert dice_ci[0] < dice_ci[1]  # the Dice values differ, so the interval is not a point
-    assert evaluation.summarise_cohort(rows, n_bootstrap=500, seed=1) == s
+    assert metrics.summarise_cohort(rows, n_bootstrap=500, seed=1) == s
 
 
 def test_summary_without_tumour_studies_is_nan_not_error():
-    rows = [{"case_id": "a", **evaluation.case_metrics(np.zeros(SHAPE), np.zeros(SHAPE),
+    rows = [{"case_id": "a", **metrics.case_metrics(np.zeros(SHAPE), np.zeros(SHAPE),
                                                         (1, 1, 1))}]
-    s = evaluation.summarise_cohort(rows, n_bootstrap=10)
+    s = metrics.summarise_cohort(rows, n_bootstrap=10)
     assert math.isnan(s["metrics"]["dice"]["mean"]) and s["metrics"]["dice"]["n"] == 0
     assert s["metrics"]["dice"]["ci95"] is None
     assert math.isnan(s["lesions"]["recall"])
-    text = evaluation.format_summary(s)
+    text = metrics.format_summary(s)
     assert "Dice" in text and "tumour-free" in text

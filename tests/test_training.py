@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoint
 import runtime
 import training
 
@@ -96,13 +97,16 @@ class FakeStudy:
 def run(run_dir, *, loss_fn=None, resume=False, model_seed=0, studies=None, **overrides) -> dict:
     torch.manual_seed(model_seed)
     settings = dict(epochs=2, steps_per_epoch=3, batch_size=4, optimizer="adamw", lr=1e-2,
-                    weight_decay=1e-4, schedule="cosine", warmup_steps=2, device="cpu",
-                    img_size=S, val_batch_size=4, seed=0, config_dict={"ct_window": (-1000.0, 1000.0)})
+                    weight_decay=1e-4, schedule="cosine", warmup_steps=2, img_size=S,
+                    eval_batch_size=4, seed=0)
     settings.update(overrides)
+    device = settings.pop("device", "cpu")
     studies = studies if studies is not None else [FakeStudy("a", True, 1), FakeStudy("b", False, 2)]
     return training.train(model=TinyNet(), loss_fn=loss_fn or PartsLoss(),
                           train_set=SliceSet(settings["steps_per_epoch"] * settings["batch_size"]),
-                          val_studies=studies, run_dir=run_dir, resume=resume, **settings)
+                          val_studies=studies, run_dir=run_dir, resume=resume, device=device,
+                          settings=training.TrainSettings(**settings),
+                          run_config={"ct_window": (-1000.0, 1000.0)})
 
 
 def load(path) -> dict:
@@ -300,7 +304,7 @@ def test_checkpoints_and_outputs(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    training.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    checkpoint.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -308,7 +312,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        training.save_checkpoint({"step": 2}, path)
+        checkpoint.save_checkpoint({"step": 2}, path)
     assert load(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -320,7 +324,7 @@ def test_validation_counts_match_hand_computed_dice():
     study, empty = FakeStudy("a", True, 1), FakeStudy("b", False, 2)
     loop = training.Loop(Half(), Half(), None, None, None, None, torch.device("cpu"), None, False,
                          0.0, 0, training.StopSignal(),
-                         validation=dict(img_size=S, batch_size=2, amp=False, context_slices=0))
+                         validation=dict(img_size=S, batch_size=2, amp_dtype=None, context_slices=0))
     rows = [training.validate_study(loop, s, threshold=0.5) for s in (study, empty)]
     pred = np.moveaxis(study.image()[:, 1].astype(np.float32) > 0.2, 0, -1)
     ref = np.moveaxis(study.mask() > 0, 0, -1)
@@ -389,8 +393,8 @@ def run(name, stop_at=0, resume=False):
     model = TinyNet()
     result = training.train(model=model, loss_fn=PartsLoss(hook(stop_at, not resume)), train_set=SliceSet(12),
         val_studies=[FakeStudy("a", True, 1), FakeStudy("b", False, 2)], run_dir={tmp!r} + name,
-        device=device, epochs=2, steps_per_epoch=3, batch_size=4, lr=1e-2, weight_decay=1e-4,
-        img_size=16, val_batch_size=4, resume=resume)
+        device=device, settings=training.TrainSettings(epochs=2, steps_per_epoch=3, batch_size=4,
+        lr=1e-2, weight_decay=1e-4, img_size=16, eval_batch_size=4), resume=resume)
     return result, [p.detach().flatten().tolist() for p in model.parameters()]
 
 reference, weights = run("/ref")

@@ -1,0 +1,97 @@
+"""Checkpoints: what a run needs to continue exactly, written atomically and read safely.
+
+    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")    # temporary file + rename
+    state = load_checkpoint(path)                                   # weights_only=True, on the CPU
+    load_weights(model, path)                                       # for evaluation / prediction
+
+A checkpoint holds the model / optimizer / scheduler / GradScaler states, the position in the
+run (epoch, step, step in the epoch, the running loss sums of a partial epoch), the history of
+epoch records, the best-checkpoint bookkeeping, every rank's RNG states and the run's config.
+Only tensors, containers, strings, numbers and None go in, so `torch.load(weights_only=True)`
+reads it (no pickled code is ever executed). training.py decides what goes in; this module
+only writes, reads and captures the RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, damaged or belongs to another model (a user matter)."""
+
+    user_error = True
+
+
+def rng_state() -> dict:
+    """Every RNG the loop uses, as plain lists / tensors (loadable with weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, *rest = state["numpy"]
+    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Atomic write: a temporary file in the same folder, fsync, then os.replace (a reader sees
+    the old file or the new one, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by `save_checkpoint`, loaded safely (weights_only=True) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: nothing to resume; start a new run without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc}); "
+                            "it is damaged or not a checkpoint of this project") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load the model weights of a checkpoint (DDP / torch.compile prefixes removed) into
+    `model`; a missing file, a damaged file or weights of another model is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; train first (python main.py) or pick "
+                              f"--checkpoint=best|last that exists in {path.parent}")
+    state = load_checkpoint(path)["model"]
+    # DDP / torch.compile wrappers prefix the parameter names
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit the model {type(model).__name__} built from "
+                              f"the run's config.json ({str(err).splitlines()[0]}); was "
+                              "config.json edited?") from None
+    return model
