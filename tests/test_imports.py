@@ -1,4 +1,5 @@
-"""The import graph of STYLE.md: each module imported in a fresh interpreter, sys.modules checked."""
+"""The import graph of docs/ARCHITECTURE.md: each module imported in a fresh interpreter,
+sys.modules checked."""
 
 import json
 import subprocess
