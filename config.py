@@ -8,7 +8,8 @@
 Precedence: dataclass defaults < preset < command line. Values are parsed with
 `ast.literal_eval` (so `--ct_window=(-1000,1000)`, `--data_dir=/x` and `--resume=None` all work),
 ints are accepted for floats, and unknown keys are rejected with a did-you-mean message.
-Standard library only (STYLE.md): this module is imported by every entry point.
+Standard library only (docs/ARCHITECTURE.md, "Code style"): this module is imported by every
+entry point.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Config:
     resample: bool = False  # resample CT and mask onto the PET grid when the grids differ
     cache_dir: str = "cache"  # preprocessed studies (and the phantom); never inside data_dir
     phantom_cases: int = 60  # studies generated when data_dir is None (half tumour-free)
-    phantom_size: str = "demo"  # unit | demo | autopet (shared/PHANTOM.md)
+    phantom_size: str = "demo"  # unit | demo | autopet (docs/phantom.md, "Sizes")
     phantom_seed: int = 0
     ct_window: tuple = (-1000.0, 1000.0)  # HU range scaled to [-1, 1]
     suv_max: float = 20.0  # SUV clipped to [0, suv_max], scaled to [-1, 1]
@@ -108,7 +109,7 @@ class Config:
     eval_batch_size: int = 32
     threshold: float = 0.5  # probability threshold for the binary mask
     tune_threshold: bool = False  # choose the threshold on the validation studies instead
-    # (pooled Dice over 0.05..0.95; the fair BCE baseline of STUDY.md; saved in eval/summary.json)
+    # (pooled Dice over 0.05..0.95; the fair BCE baseline of docs/study.md; saved in eval/summary.json)
     tta: bool = False  # flip test-time augmentation
     min_component_ml: float = 0.0  # post-processing: drop predicted components smaller than this
     suv_floor: float = 0.0  # post-processing: drop predicted voxels with SUV below this

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 # Imbalance weightings of the focal-Tversky term (see BinaryWeightedFocalTverskyLoss).
 WEIGHTINGS = ("corrected", "published", "swapped", "none")
-# The default weighting; the loss study (STUDY.md) may change it. Numbers behind the choice:
+# The default weighting; the loss study (docs/study.md) may change it. Numbers behind the choice:
 # docs/loss.md and the BinaryWeightedFocalTverskyLoss docstring.
 DEFAULT_WEIGHTING = "corrected"
 # "corrected" multiplies FN by (n_neg / n_pos) ** CORRECTED_POWER: 10x at 1e-4, 18x at 1e-5.
@@ -129,10 +129,11 @@ class BinaryWeightedFocalTverskyLoss(nn.Module):
     whole batch (reduction="batch") or per sample (reduction="sample"). The weighting sets
     (w_fp, w_fn):
     - "published": (n_neg / (n_pos + eps), n_pos / (n_neg + eps)): the formula of the published
-      code, reproduced exactly (REFERENCE.md §1; only difference: the clamp, which matters
-      only when 1 - TI < eps). It weights the wrong way for its stated intent (FP x 1e4,
-      FN x 1e-4 at 1e-4 imbalance) and is saturated: ~1 with ~no gradient until background
-      logits reach about -18; an empty batch costs exactly 1 (no guard in the published code).
+      code, reproduced exactly (docs/loss.md, "The published formula"; only difference: the
+      clamp, which matters only when 1 - TI < eps). It weights the wrong way for its stated
+      intent (FP x 1e4, FN x 1e-4 at 1e-4 imbalance) and is saturated: ~1 with ~no gradient
+      until background logits reach about -18; an empty batch costs exactly 1 (no guard in the
+      published code).
       Kept for replication, not recommended.
     - "swapped": (n_pos / (n_neg + eps), n_neg / (n_pos + eps)), the published weights swapped;
       a diagnostic only: false positives become almost free, and the 10 % soft miss of a
@@ -203,7 +204,7 @@ class CombinedLoss(nn.Module):
     """total = w_bce * BCE + w_tversky * BWFT + w_dice * Dice, from logits, float32.
 
     - BCE: binary cross-entropy with logits, mean over all voxels, positive-class weight
-      `pos_weight` (None = 1; the fair BCE baseline of STUDY.md sets it).
+      `pos_weight` (None = 1; the fair BCE baseline of docs/study.md sets it).
     - BWFT: BinaryWeightedFocalTverskyLoss(alpha, beta, gamma, reduction, weighting).
     - Dice: DiceLoss(log=dice_log, reduction): 1 - Dice, or -log(Dice) for dice_log=True.
     With weighting="published", dice_log=True and the default weights this is the published

@@ -23,7 +23,7 @@ Options (any other --key=value is a config.py setting applied to every run):
 
 Writes `leaderboard.{csv,md,png}`: one CSV row per configuration, seed and machine; the table
 gives mean ± SD over seeds per configuration and machine, and paired differences against the
-published loss (same seed, same machine). Rules followed (shared/STUDY.md): every configuration of
+published loss (same seed, same machine). Rules followed (docs/study.md): every configuration of
 a budget trains for the same number of optimiser steps with the same batch and schedule; the data
 split is fixed (`split_seed`), seeds change the initialisation and the sampling; test studies are
 never used to choose anything (checkpoints are chosen on validation studies).
@@ -63,7 +63,7 @@ def focal_tversky(alpha: float, beta: float, gamma: float, weighting: str = "non
 
 
 HEADLINE = {
-    # the fair BCE baseline (STUDY.md): positive-class weight and a threshold chosen on validation
+    # the fair BCE baseline (docs/study.md): positive-class weight and a threshold chosen on validation
     "bce_posweight": {**BCE, "bce_pos_weight": 50.0, "tune_threshold": True},
     "published_combined": PUBLISHED,
     "corrected_combined": CORRECTED,

@@ -6,8 +6,9 @@
 One step = forward + backward + SGD step on random (B, 2, S, S) input with a BCE loss. The two
 models' steps are interleaved (A, B, A, B, ...) so that a shared, noisy CPU slows both alike; the
 median of the timed steps is reported, with their ratio. The official TransUNet measured the same
-way on the same 2-core machine took 3.1x the step time of smp Unet('resnet50') (REFERENCE.md
-section 2). Then transunet_small (batch 16, 128^2) and transunet_tiny (batch 2, 64^2) are timed.
+way on the same 2-core machine took 3.1x the step time of smp Unet('resnet50') (docs/models.md,
+"The official TransUNet"). Then transunet_small (batch 16, 128^2) and transunet_tiny (batch 2,
+64^2) are timed.
 Also printed: forward GFLOP per image (torch's FlopCounterMode, independent of CPU load) and the
 peak resident memory of the process.
 """
@@ -29,7 +30,7 @@ import segmentation_models_pytorch as smp  # noqa: E402
 
 from models import build_model  # noqa: E402
 
-OFFICIAL_RATIO = 3.1  # official TransUNet / smp Unet(resnet50), REFERENCE.md section 2
+OFFICIAL_RATIO = 3.1  # official TransUNet / smp Unet(resnet50), docs/models.md "The official TransUNet"
 
 
 def make_step(model: torch.nn.Module, batch: int, size: int, in_channels: int = 2):

@@ -1,4 +1,4 @@
-"""Benchmark of the phantom's six acceptance properties (shared/PHANTOM.md, "Acceptance").
+"""Benchmark of the phantom's six acceptance properties (docs/phantom.md, "Acceptance properties").
 
     python bench/bench_phantom.py                         # 40 demo studies, 2 workers (~2 min on 2 cores)
     python bench/bench_phantom.py --size=autopet --n_cases=10 --workers=8   # a bigger machine
@@ -89,7 +89,8 @@ def study_hash(index: int, size: str, seed: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="phantom acceptance benchmark (PHANTOM.md 1-6)")
+    ap = argparse.ArgumentParser(
+        description="phantom acceptance benchmark (docs/phantom.md, properties 1-6)")
     ap.add_argument("--size", default="demo")
     ap.add_argument("--n_cases", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)

@@ -2,11 +2,11 @@
 
     python bench/loss_weighting.py            # CPU, ~15 s; prints markdown tables
 
-Setting (REFERENCE.md §1): a batch of 16 x 256 x 256 voxels (1,048,576) with 100 tumour voxels
-(imbalance ~1e-4), and 16 x 800 x 800 with 100 tumour voxels (~1e-5). Soft predictions: every
-tumour voxel has probability `lesion_p` (0.9), every background voxel `background_p` (0.01, 1e-4,
-1e-8 at 1e-4 imbalance; 1e-5 at 1e-5). The losses
-reduce over the whole batch, so where the voxels lie does not matter. For each loss term:
+Setting (docs/loss.md, "What each weighting costs"): a batch of 16 x 256 x 256 voxels (1,048,576)
+with 100 tumour voxels (imbalance ~1e-4), and 16 x 800 x 800 with 100 tumour voxels (~1e-5). Soft
+predictions: every tumour voxel has probability `lesion_p` (0.9), every background voxel
+`background_p` (0.01, 1e-4, 1e-8 at 1e-4 imbalance; 1e-5 at 1e-5). The losses reduce over the whole
+batch, so where the voxels lie does not matter. For each loss term:
 - "base": its value on that prediction;
 - "+1 lesion-volume FP": the increase when 100 background voxels get probability lesion_p;
 - "half lesion missed": the increase when 50 tumour voxels drop to background_p;

@@ -22,10 +22,11 @@ AIR, FAT, MUSCLE, VISCERAL_FAT, LUNG, CORTEX, MARROW, AORTA, LIVER, SPLEEN = ran
 KIDNEY, RENAL_PELVIS, URETER, BOLUS, BLADDER, MYOCARDIUM, BLOOD = range(10, 17)
 BRAIN_GM, BRAIN_WM, GLAND, BROWN_FAT, MUSCLE_FOCUS, BOWEL, BOWEL_AIR, CANAL, LESION = range(17, 26)
 
-# Hot physiological uptake removed by the oracle of acceptance property 4 (PHANTOM.md).
-# Besides PHANTOM.md's list (brain, bladder, renal pelvis, heart = myocardium + blood pool,
-# ureter boluses, brown fat) it holds the kidney cortex and the salivary glands / tonsils: their SUV (2.5-4.5) is above
-# the oracle's fixed 2.5 in every study, so leaving them in only measures their volume.
+# Hot physiological uptake removed by the oracle of acceptance property 4 (docs/phantom.md,
+# "Acceptance properties"). Besides the specification's list (brain, bladder, renal pelvis,
+# heart = myocardium + blood pool, ureter boluses, brown fat) it holds the kidney cortex and the
+# salivary glands / tonsils: their SUV (2.5-4.5) is above the oracle's fixed 2.5 in every study,
+# so leaving them in only measures their volume.
 ORACLE_EXCLUDED = (BRAIN_GM, BRAIN_WM, BLADDER, RENAL_PELVIS, KIDNEY, MYOCARDIUM, BLOOD, BOLUS,
                    BROWN_FAT, GLAND)
 # Distractor groups whose connected components enter acceptance property 3.
@@ -337,7 +338,7 @@ def draw_head_neck(cv: Canvas, body: Body, rs: np.random.Generator, v: dict) -> 
 def draw_organs(cv: Canvas, body: Body, rp: np.random.Generator, rs: np.random.Generator,
                 v: dict, geo: dict, contrast: bool) -> None:
     """Lungs, aorta, heart, liver, spleen, kidneys with renal pelvis, ureters, bladder.
-    Values from PHANTOM.md (HU plain / contrast)."""
+    Values from docs/phantom.md, "Anatomy" (HU plain / contrast)."""
     # liver SUV 1.5-1.85 *after* the global PET scale (v["pet_scale"]): with 8-12 % noise
     # its voxels stay below the SUV 2.5 of property 4, so liver noise is not a lesion
     v["liver_suv"] = liver = _u(rs, 1.5, 1.85) / v["pet_scale"]
@@ -348,8 +349,8 @@ def draw_organs(cv: Canvas, body: Body, rp: np.random.Generator, rs: np.random.G
         cv.paint(sl, f, LUNG, lung_hu, _u(rs, 0.4, 0.7))
         geo.setdefault("lung", []).append((c, r))
     blood_hu = 180 if contrast else 40
-    # blood pool below the liver, as in FDG PET (PHANTOM.md: aorta 1.5-2.2; here tied to
-    # the liver so that it stays under the SUV 2.5 of property 4)
+    # blood pool below the liver, as in FDG PET (docs/phantom.md "Anatomy": aorta 1.5-2.2;
+    # here tied to the liver so that it stays under the SUV 2.5 of property 4)
     blood_suv = _u(rs, 0.8, 0.95) * v["liver_suv"]
     # aorta: r 12 mm, left-anterior of the spine, bifurcation (za 700) to the arch (za 390)
     p0, p1 = body.point(-0.08, -0.25, 700), body.point(-0.08, -0.2, 390)
@@ -538,8 +539,9 @@ def draw_lesions(cv: Canvas, body: Body, rs: np.random.Generator, v: dict, geo: 
         if low:  # 1.4-2 x the local background
             suv = _u(rs, 1.4, 2.0) * (v["liver_suv"] if site == "liver" else v["marrow_suv"])
         else:
-            # lognormal, median 6, sigma_log 0.6, clipped to [4, 30] (PHANTOM.md: [2.5, 30];
-            # the floor of 4 is the prototype's variant: below it only low-contrast lesions)
+            # lognormal, median 6, sigma_log 0.6, clipped to [4, 30] (docs/phantom.md "Lesions":
+            # [2.5, 30]; the floor of 4 is the prototype's variant: below it only low-contrast
+            # lesions)
             suv = float(np.clip(6 * np.exp(rs.normal(0, 0.6)), 4.0, 30))
         hu = {"node": _u(rs, 30, 50), "lung": _u(rs, 0, 40), "liver": _u(rs, 20, 40),
               "soft": _u(rs, 35, 50)}.get(site)

@@ -13,7 +13,7 @@ ATTN), then the one with most slices; the CT series with most slices. Files are 
 - Array axes: X = DICOM column index, Y = row index, Z = sorted slice; the affine is built from
   ImagePositionPatient / ImageOrientationPatient / PixelSpacing in LPS and flipped to RAS
   (nibabel's convention): RAS = diag(-1, -1, 1) LPS.
-- SUV body weight (REFERENCE.md section 3), Units must be BQML:
+- SUV body weight (docs/data.md, "SUV from DICOM"), Units must be BQML:
       SUVbw = C[Bq/ml] * PatientWeight[kg] * 1000 / (RadionuclideTotalDose[Bq] * D)
   D = 2 ** (-dt / RadionuclideHalfLife[s]) when DecayCorrection is START (images decay-corrected
   to the series start: the dose must be decayed from injection to that time), D = 1 when it is
@@ -213,7 +213,7 @@ def _series_files(folder: str, series_uid: str) -> list[str]:
 def suv_factor(weight_kg: float, dose_bq: float, half_life_s: float, delta_t_s: float,
                decay_correction: str = "START") -> float:
     """Factor f with SUVbw = C[Bq/ml] * f:  f = weight_kg * 1000 / (dose_bq * D),
-    D = 2 ** (-delta_t_s / half_life_s) for START, D = 1 for ADMIN (REFERENCE.md section 3)."""
+    D = 2 ** (-delta_t_s / half_life_s) for START, D = 1 for ADMIN (docs/data.md, "SUV from DICOM")."""
     if decay_correction == "ADMIN":
         decay = 1.0
     elif decay_correction == "START":

@@ -1,4 +1,4 @@
-"""Synthetic whole-body PET/CT phantom: hard the way real PET/CT is hard (shared/PHANTOM.md).
+"""Synthetic whole-body PET/CT phantom: hard the way real PET/CT is hard (docs/phantom.md).
 
 Tumours are tiny (~1e-5 of the voxels), half the studies are tumour-free, and the brightest
 things in the PET are not tumours (brain, bladder, renal pelvis, heart, ureter boluses,
@@ -9,7 +9,7 @@ thresholding. Every study is a pure function of (seed, index).
     python -m data.phantom --out_dir=phantom --n_cases=40 --size=demo --seed=0
     python -m data.phantom --out_dir=phantom_ap --n_cases=10 --size=autopet --layout=both --workers=2
 
-Layouts written (shared/REFERENCE.md §3):
+Layouts written (docs/data.md, "Layouts"):
     autopet: <out_dir>/PETCT_<10 hex>/<MM-DD-YYYY-NA-PET-CT Ganzkoerper  primaer mit KM-xxxxx>/
              {SUV,CTres,SEG}.nii.gz   (float32 SUV, float32 HU, uint8 label; one affine)
     nnunet:  <out_dir>/imagesTr/<case>_0000.nii.gz (CT), _0001 (PET), labelsTr/<case>.nii.gz
@@ -44,7 +44,7 @@ from data.study import DataError
 
 log = logging.getLogger(__name__)
 
-# Presets (PHANTOM.md "Sizes"). xy: in-plane scale of the anatomy (the unit grid is 32 cm
+# Presets (docs/phantom.md, "Sizes"). xy: in-plane scale of the anatomy (the unit grid is 32 cm
 # wide); kz: axial compression (world mm per anatomical mm) so that the anatomical range
 # za (mm below the vertex) fits `slices`; the FOV is anchored at its feet end.
 SIZES: dict[str, dict] = {
@@ -290,7 +290,7 @@ def _read_metadata(path: Path, size: str, seed: int) -> dict:
 
 def _write_metadata(path: Path, size: str, seed: int, cases: dict) -> None:
     doc = {"generator": "data.phantom", "size": size, "seed": seed, "n_cases": len(cases),
-           "spec": "shared/PHANTOM.md", "cases": [cases[i] for i in sorted(cases)]}
+           "spec": "docs/phantom.md", "cases": [cases[i] for i in sorted(cases)]}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)

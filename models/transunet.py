@@ -51,7 +51,8 @@ class TransUNetSpec:
 
 
 SPECS: dict[str, TransUNetSpec] = {
-    # The paper's R50-ViT-B_16 (REFERENCE.md section 2): 105,275,921 parameters at 3 in / 1 out.
+    # The paper's R50-ViT-B_16: 105,275,921 parameters at 3 in / 1 out (docs/models.md,
+    # "The official TransUNet").
     "transunet_r50_vit_b16": TransUNetSpec(
         cnn_layers=(3, 4, 9), cnn_channels=(256, 512, 1024), stem_channels=64, gn_groups=32,
         embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,

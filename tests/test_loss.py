@@ -1,4 +1,5 @@
-"""loss.py against REFERENCE.md §1 test vectors, smp as an oracle, and its promised properties."""
+"""loss.py against the test vectors of docs/loss.md "Reference values", smp as an oracle, and its
+promised properties."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ WEIGHTINGS = ("published", "swapped", "none", "corrected")
 
 
 def vector(name: str):
-    """REFERENCE.md §1 test vectors (float32, CPU)."""
+    """The test vectors of docs/loss.md, "Reference values" (float32, CPU)."""
     if name == "A":
         torch.manual_seed(0)
         x = torch.randn(2, 1, 8, 8) * 3
@@ -29,7 +30,7 @@ def vector(name: str):
     return x, t
 
 
-REFERENCE = {  # name: (x.sum(), BCE, 1 - Dice, published BWFT)
+REFERENCE = {  # name: (x.sum(), BCE, 1 - Dice, published BWFT); docs/loss.md, "Reference values"
     "A": (20.137394, 1.49986901, 0.85616803, 0.98495104),
     "B": (-514.785522, 0.67708975, 0.95872736, 0.99882338),
     "C": (None, 1.43436014, 0.0, 1.0),
@@ -37,7 +38,7 @@ REFERENCE = {  # name: (x.sum(), BCE, 1 - Dice, published BWFT)
 
 
 def published_bwft(x, t, alpha=0.5, beta=0.5, gamma=1.0, eps=1e-7):
-    """The published formula, written out independently of loss.py (REFERENCE.md §1)."""
+    """The published formula (docs/loss.md, "The published formula"), independent of loss.py."""
     p, t = torch.sigmoid(x).flatten(), t.flatten()
     n_pos = t.sum()
     n_neg = t.numel() - n_pos
@@ -61,7 +62,7 @@ def lesion_batch(shape=(2, 1, 32, 32), n_pos=20, bg_logit=-6.0, lesion_logit=3.0
 def test_reference_vectors(name):
     x, t = vector(name)
     x_sum, bce, dice, bwft = REFERENCE[name]
-    if x_sum is not None:  # the random draw is the one REFERENCE.md measured
+    if x_sum is not None:  # the random draw is the one docs/loss.md, "Reference values", fixes
         assert x.sum().item() == pytest.approx(x_sum, abs=1e-4)
     parts = CombinedLoss(weighting="published", w_bce=1, w_tversky=1, w_dice=1).parts(x, t)
     assert parts["bce"].item() == pytest.approx(bce, abs=1e-6)

@@ -152,7 +152,7 @@ def test_list_models_names_all_buildable_on_meta():
 # ------------------------------------------------------------------------------ parameter counts
 
 def test_paper_parameter_counts():
-    """REFERENCE.md section 2: official TransUNet counts (3 input channels)."""
+    """docs/models.md, "The official TransUNet": official parameter counts (3 input channels)."""
     with torch.device("meta"):
         r50 = build_model("transunet_r50_vit_b16", in_channels=3, num_classes=1)
         r50_2 = build_model("transunet_r50_vit_b16", in_channels=3, num_classes=2)

@@ -85,7 +85,7 @@ def test_determinism_and_independence_of_other_cases():
 
 
 def test_partial_volume_trend():
-    """Recovered / true SUVmax grows with lesion size (PHANTOM.md property 5)."""
+    """Recovered / true SUVmax grows with lesion size (docs/phantom.md, "Acceptance properties", 5)."""
     les = [l for i in range(60) if has_tumor(i, seed=2)
            for l in render(i, "unit", seed=2).meta["lesions"] if not l["low_contrast"]]
     small = [l["recovered_suvmax"] / l["true_suvmax"] for l in les if l["diameter_mm"] < 10]
