@@ -20,6 +20,11 @@ Usage:
     loss_fn = CombinedLoss()                      # corrected weighting, the default
     loss = loss_fn(logits, target)                # 0-dim float32 tensor
     parts = loss_fn.parts(logits, target)         # {"bce", "tversky", "dice", "total"}
+
+Auxiliary head (organ / uptake classes, training only; models/aux.py):
+    loss_fn = WithAuxiliary(CombinedLoss(), AuxSegLoss(num_classes=K), w_aux=1.0)
+    parts = loss_fn.parts(logits, target, aux)    # logits (B, 1 + K, ...), aux (B, ...) int64
+    # {"bce", "tversky", "dice", "lesion", "aux_ce", "aux_dice", "aux", "total"}
 """
 from __future__ import annotations
 
@@ -259,3 +264,116 @@ class CombinedLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.parts(logits, target)["total"]
+
+
+# ---------------------------------------------------------------------------------------------
+# auxiliary multi-class head (organs / physiological uptake), training only
+
+class AuxSegLoss(nn.Module):
+    """Softmax cross-entropy + soft Dice over the foreground classes, from logits, float32.
+
+        CE   = mean over voxels of -log softmax(logits)[target]
+        p    = softmax(logits, dim=1);  for each class c = 1 .. K-1 (background 0 left out):
+        TP_c = sum p_c * [t == c],  FP_c = sum p_c * [t != c],  FN_c = sum (1 - p_c) * [t == c]
+        Dice_c = (2 TP_c + smooth) / max(2 TP_c + FP_c + FN_c + smooth, 1e-8)
+        loss = CE + (1 - mean_c Dice_c)
+
+    Sums run over the batch and all voxels together ("batch Dice"), smooth = 1e-5: nnU-Net's
+    DC_and_CE_loss with batch_dice=True, do_bg=False (Isensee et al. 2021, nnU-Net, Nature
+    Methods 18:203). nnU-Net adds -mean Dice instead of 1 - mean Dice: the same gradient, offset 1
+    (here a perfect prediction costs 0). A class absent from the batch and not predicted has
+    Dice ~1; predicting it anyway drives its Dice to ~0 (smooth / (FP + smooth)).
+
+    Shapes: logits (B, K, ...), target (B, ...) int64 class indices in 0 .. K-1, any spatial rank.
+    `parts(logits, target)` -> {"ce", "dice" (1 - mean Dice), "total"}; forward returns "total".
+    """
+
+    def __init__(self, num_classes: int, smooth: float = 1e-5, w_ce: float = 1.0,
+                 w_dice: float = 1.0) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"loss: AuxSegLoss needs num_classes >= 2 (background included), got {num_classes}.")
+        self.num_classes, self.smooth, self.w_ce, self.w_dice = num_classes, smooth, w_ce, w_dice
+
+    def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        if logits.dim() < 3 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"loss: aux logits {tuple(logits.shape)} should be (B, {self.num_classes}, ...); "
+                             f"build the model with aux_classes={self.num_classes}.")
+        if target.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(f"loss: aux target {tuple(target.shape)} should be (B, ...) = "
+                             f"{tuple(logits.shape[:1] + logits.shape[2:])}, class indices without a channel axis.")
+        if target.dtype != torch.int64:
+            raise ValueError(f"loss: aux target dtype {target.dtype}; pass int64 class indices (target.long()).")
+
+    def soft_dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 - mean over foreground classes of the batch soft Dice (class docstring), float32."""
+        p = torch.softmax(logits.float(), dim=1)  # (B, K, ...)
+        onehot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(p.dtype)  # (B, K, ...)
+        axes = [0, *range(2, p.dim())]
+        tp = (p * onehot).sum(axes)  # (K,)
+        fp = p.sum(axes) - tp
+        fn = onehot.sum(axes) - tp
+        dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth).clamp_min(1e-8)
+        return 1.0 - dice[1:].mean()
+
+    def parts(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check(logits, target)
+        with _no_autocast(logits):
+            ce = F.cross_entropy(logits.float(), target)
+            dice = self.soft_dice(logits, target)
+            return {"ce": ce, "dice": dice, "total": self.w_ce * ce + self.w_dice * dice}
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.parts(logits, target)["total"]
+
+
+class WithAuxiliary(nn.Module):
+    """Lesion loss + w_aux * auxiliary loss on a model output that carries both heads.
+
+        total = lesion_loss(logits[:, :1], target) + w_aux * aux_loss(logits[:, 1:], aux)
+
+    logits (B, 1 + K, ...): channel 0 the lesion logits, then K aux logits (a model built with
+    aux_classes=K, in train mode); target (B, 1, ...) binary tumour mask; aux (B, ...) int64 class
+    indices. LesionTracer weights the organ loss 1:1 with the lesion loss (w_aux = 1).
+    `parts(logits, target, aux)` -> {**lesion_loss.parts (e.g. "bce", "tversky", "dice"),
+    "lesion": the lesion total, "aux_ce", "aux_dice", "aux": the aux total, "total"}, all 0-dim
+    float32 (also under autocast). With aux=None and a 1-channel output (a model in eval mode)
+    it is the lesion loss alone ("aux" = 0), so validation can call the same object.
+    """
+
+    def __init__(self, lesion_loss: nn.Module, aux_loss: AuxSegLoss, w_aux: float = 1.0) -> None:
+        super().__init__()
+        if w_aux < 0:
+            raise ValueError(f"loss: w_aux={w_aux} must be >= 0.")
+        self.lesion_loss, self.aux_loss, self.w_aux = lesion_loss, aux_loss, w_aux
+
+    def _lesion_parts(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if hasattr(self.lesion_loss, "parts"):
+            return dict(self.lesion_loss.parts(logits, target))
+        return {"total": self.lesion_loss(logits, target).float()}
+
+    def parts(self, logits: torch.Tensor, target: torch.Tensor,
+              aux: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        k = self.aux_loss.num_classes
+        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+        if aux is None:
+            if logits.shape[1] != 1:
+                raise ValueError(f"loss: logits {tuple(logits.shape)} carry aux channels but no aux "
+                                 "target was given; pass the dataset's aux target as the third argument.")
+            out = self._lesion_parts(logits, target)
+            out["lesion"] = out["total"]
+            out.update(aux_ce=zero, aux_dice=zero, aux=zero)
+            return out
+        if logits.dim() < 3 or logits.shape[1] != 1 + k:
+            raise ValueError(f"loss: logits {tuple(logits.shape)} should be (B, 1 + {k}, ...): the lesion "
+                             f"channel then {k} aux channels (model.train() with aux_classes={k}).")
+        out = self._lesion_parts(logits[:, :1], target)
+        aux_parts = self.aux_loss.parts(logits[:, 1:], aux)
+        out["lesion"] = out["total"]
+        out.update(aux_ce=aux_parts["ce"], aux_dice=aux_parts["dice"], aux=aux_parts["total"])
+        out["total"] = out["lesion"].float() + self.w_aux * out["aux"]
+        return out
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                aux: torch.Tensor | None = None) -> torch.Tensor:
+        return self.parts(logits, target, aux)["total"]

@@ -7,10 +7,10 @@
 
 The same commands run on a GPU: the run's `config.json` says which device to use (`device="auto"`
 picks CUDA when present). Everything is rebuilt from `runs/<name>/config.json`, never from this
-file's defaults. Outputs (DESIGN.md "Run directory"): `eval/per_case.csv`, `eval/summary.json`,
+file's defaults. Outputs (docs/evaluation.md, "Files"): `eval/per_case.csv`, `eval/summary.json`,
 `eval/predictions/<case_id>.nii.gz`, `eval/overlays/<case_id>.png`.
 
-Metrics follow the autoPET III/IV official evaluation (REFERENCE.md §4, docs/evaluation.md):
+Metrics follow the autoPET III/IV official evaluation (docs/evaluation.md):
 Dice per 3-D study, false-positive / false-negative volume over 18-connected components, and an
 explicit empty-case policy instead of MedPy's accidents. (The file is named test.py after the
 TransUNet convention; pytest only collects `tests/`, see pyproject.toml.)
@@ -158,7 +158,7 @@ def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size
                      context_slices: int, suv_max: float,
                      candidates: Sequence[float] = THRESHOLD_CANDIDATES) -> tuple[float, dict]:
     """The probability threshold that maximises the pooled Dice 2TP / (2TP + FP + FN) over
-    `studies` (the VALIDATION studies: test studies never choose anything, STUDY.md). Ties go to
+    `studies` (the VALIDATION studies: test studies never choose anything, docs/study.md). Ties go to
     the higher threshold (fewer false positives). Returns (threshold, {threshold: pooled Dice})."""
     counts = np.zeros((len(candidates), 3))  # TP, FP, FN per candidate
     for cached in studies:

@@ -4,7 +4,8 @@
     image = cache[0].image()        # (Z, 2, X, Y) float16 memory map, nothing read yet
     slice_z = np.asarray(image[40]) # (2, X, Y): one contiguous read
 
-Layout: `cache_dir/<key>/<case_id>/{image.npy, mask.npy, meta.json}` where `<key>` is a short
+Layout: `cache_dir/<key>/<case_id>/{image.npy, mask.npy, meta.json}` (+ `organs.npy`, uint8
+(Z, X, Y), when the study has organ labels) where `<key>` is a short
 hash of the preprocessing parameters and FORMAT_VERSION, so changing `ct_window` or `suv_max`
 writes a new cache beside the old one. Each study's meta.json records a fingerprint of its
 source (paths + sizes + mtimes for a StudyRef, an array hash for an in-memory Study); a study
@@ -43,7 +44,7 @@ from data.study import DataError, Study, StudyRef
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the file layout or the intensity formulas change
+FORMAT_VERSION = 2  # bump when the file layout or the intensity formulas change (2: organs.npy)
 _BLOCK = 16  # slices normalised at once: bounds the temporaries to a few MB per channel
 
 
@@ -53,6 +54,9 @@ class CachedStudy:
 
     shape: (X, Y, Z) of the source grid; spacing in mm (X, Y, Z); affine (4, 4) voxel -> world
     as nested lists (JSON); fg_slices: z indices whose mask has at least one tumour voxel.
+    has_organs: the study has organ labels (`organs()`); max_organ_label: their largest value
+    (0 without); suv_max: the SUV clip of the PET channel (ch1 = 2 clip(SUV, 0, suv_max) /
+    suv_max - 1), None for caches written before it was recorded.
     """
 
     case_id: str
@@ -65,6 +69,9 @@ class CachedStudy:
     has_mask: bool
     fg_slices: list[int]
     directory: str
+    has_organs: bool = False
+    max_organ_label: int = 0
+    suv_max: float | None = None
 
     def image(self) -> np.ndarray:
         """Read-only memory map, float16 (Z, 2, X, Y): channel 0 CT, channel 1 SUV, in [-1, 1]."""
@@ -73,6 +80,13 @@ class CachedStudy:
     def mask(self) -> np.ndarray:
         """Read-only memory map, uint8 (Z, X, Y) in {0, 1} (all zeros when has_mask is False)."""
         return np.load(Path(self.directory) / "mask.npy", mmap_mode="r")
+
+    def organs(self) -> np.ndarray:
+        """Read-only memory map, uint8 (Z, X, Y) organ labels; DataError when has_organs is False."""
+        if not self.has_organs:
+            raise DataError(f"study {self.case_id} ({self.source}) has no organ labels; add "
+                            f"ORGANS.nii.gz (or organsTr/<case>.nii.gz) and rebuild the cache")
+        return np.load(Path(self.directory) / "organs.npy", mmap_mode="r")
 
 
 def cache_key(ct_window: tuple[float, float], suv_max: float) -> str:
@@ -92,7 +106,9 @@ def load_cached(directory: str | os.PathLike) -> CachedStudy:
             case_id=meta["case_id"], patient_id=meta["patient_id"], source=meta["source"],
             shape=tuple(meta["shape"]), spacing=tuple(meta["spacing"]), affine=meta["affine"],
             has_tumor=meta["has_tumor"], has_mask=meta["has_mask"],
-            fg_slices=list(meta["fg_slices"]), directory=str(directory))
+            fg_slices=list(meta["fg_slices"]), directory=str(directory),
+            has_organs=bool(meta.get("has_organs", False)),
+            max_organ_label=int(meta.get("max_organ_label", 0)), suv_max=meta.get("suv_max"))
     except FileNotFoundError:
         raise DataError(f"no cached study at {directory} (missing meta.json); run "
                         f"prepare_cache again or point to the right cache_dir") from None
@@ -235,6 +251,17 @@ def _check_study(study: Study) -> None:
     if study.mask is not None and study.mask.shape != study.pet.shape:
         raise DataError(f"study {study.case_id} ({study.source}): mask {study.mask.shape} and "
                         f"PET {study.pet.shape} differ; resample the mask to the PET grid")
+    if study.organs is not None:
+        organs = np.asarray(study.organs)
+        if organs.shape != study.pet.shape:
+            raise DataError(f"study {study.case_id} ({study.source}): organ labels {organs.shape} "
+                            f"and PET {study.pet.shape} differ; resample the labels to the PET "
+                            f"grid (nearest neighbour)")
+        integer = np.issubdtype(organs.dtype, np.integer) or organs.dtype == np.bool_
+        if not integer or (organs.size and (organs.min() < 0 or organs.max() > 255)):
+            raise DataError(f"study {study.case_id} ({study.source}): organ labels must be "
+                            f"integers in 0..255, got {organs.dtype} values; read the study with "
+                            f"data.load_study or convert with data.geometry.check_labels")
 
 
 def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
@@ -269,6 +296,14 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
             fg[z0:z1] = mask.any(axis=(1, 2))
             f_mask.write(mask.tobytes())
     fg_slices = np.flatnonzero(fg).tolist()
+    max_organ_label = 0
+    if study.organs is not None:  # organs.npy, uint8 (Z, X, Y), block by block like the mask
+        with open(out / "organs.npy", "wb") as f_organs:
+            _npy_header(f_organs, (nz, nx, ny), np.uint8)
+            for z0 in range(0, nz, _BLOCK):
+                organs = np.moveaxis(study.organs[:, :, z0:z0 + _BLOCK], 2, 0).astype(np.uint8)
+                max_organ_label = max(max_organ_label, int(organs.max(initial=0)))
+                f_organs.write(organs.tobytes())
     return {
         "format": FORMAT_VERSION, "case_id": study.case_id, "patient_id": study.patient_id,
         "source": str(study.source), "shape": [nx, ny, nz],
@@ -276,6 +311,7 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
         "affine": np.asarray(study.affine, np.float64).tolist(),
         "has_tumor": bool(fg_slices), "has_mask": study.mask is not None,
         "fg_slices": fg_slices, "ct_window": [lo, hi], "suv_max": suv_max,
+        "has_organs": study.organs is not None, "max_organ_label": max_organ_label,
     }
 
 

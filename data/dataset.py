@@ -6,6 +6,20 @@
         train_set.set_epoch(epoch)
         for image, mask in loader: ...        # (16, C, 128, 128), (16, 1, 128, 128)
 
+    aux_set = PetCtSliceDataset(cached_train, img_size=128, samples_per_epoch=960,
+                                aux_target="organs", aux_classes=N_ORGAN_CLASSES)
+    for image, mask, aux in loader: ...       # + aux (16, 128, 128) int64 class indices
+
+Auxiliary targets (`aux_target`, for a second output head; item = (image, mask, aux)):
+- "none" (default): items are (image, mask), exactly as without the option.
+- "organs": the study's organ labels (cache organs.npy; every study must have them), classes
+  0 .. aux_classes - 1 (default: max label over the studies + 1; pass it explicitly so that
+  the model head does not depend on which studies are in the training set).
+- "uptake": 1 where SUV > uptake_suv and not tumour, else 0 (data/targets.py, the DEEP-PSMA
+  baseline's physiological-uptake class), computed from the cached PET channel of the centre
+  slice before any intensity augmentation; aux_classes = 2.
+The aux target goes through the same geometric augmentation as the mask (nearest).
+
 Sampling (nnU-Net's foreground oversampling, default share 1/3): with probability
 `fg_fraction` an item is a slice that contains tumour, uniform over all tumour slices of all
 studies; otherwise a slice uniform over all slices of all studies (tumour slices included,
@@ -22,6 +36,13 @@ the ends of the volume; the centre slice is channels [2c, 2c + 1]. Slices of any
 size are resampled to S x S with `to_model_grid` (bilinear for images, nearest for masks);
 `from_model_grid` maps predictions back. Non-square slices are stretched to the square grid
 (and stretched back): simple and exactly invertible in shape.
+
+PET/CT misalignment (`p_misalign`, default 0 = off; the autoPET III winner, LesionTracer,
+Rokuss et al. 2024, used p = 0.1): with probability p the CT channels alone are rotated by
+U(-5, 5) degrees and shifted by U(-4, 4) mm along each in-plane axis (converted to pixels with
+the study's spacing), before the shared augmentation, so the network does not rely on a
+perfect PET/CT registration. It is drawn from its own stream `default_rng([seed, e, i, 1])`:
+turning it on changes nothing else in an item.
 """
 from __future__ import annotations
 
@@ -35,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from data.study import DataError
+from data.targets import UPTAKE_SUV, uptake_from_channel
 
 # Augmentation settings (applied to training items when augment=True).
 P_AFFINE = 0.5  # probability of a small rotation + scale (bilinear resampling blurs a little)
@@ -44,6 +66,8 @@ P_GAMMA, GAMMA_RANGE = 0.3, (0.7, 1.5)  # PET: u ** gamma with u = SUV / suv_max
 P_PET_SCALE, PET_SCALE_RANGE = 0.5, (0.9, 1.1)  # PET: u * s (global uptake calibration)
 P_NOISE, NOISE_MAX_STD = 0.3, 0.02  # PET: + N(0, sigma^2), sigma ~ U(0, 0.02) in u units
 P_CT_SHIFT, CT_SHIFT_MAX = 0.5, 0.05  # CT: +- 0.05 in [-1, 1] units (50 HU for a 2000 HU window)
+MISALIGN_MAX_MM, MISALIGN_MAX_DEG = 4.0, 5.0  # CT vs PET: shift per axis, rotation (p_misalign)
+AUX_TARGETS = ("none", "organs", "uptake")
 _OPEN_MAPS = 64  # memory maps kept open per process (each holds a file descriptor)
 
 
@@ -88,13 +112,24 @@ def worker_init_fn(worker_id: int) -> None:
 class PetCtSliceDataset(torch.utils.data.Dataset):
     """Map-style dataset of `samples_per_epoch` slices drawn from cached studies.
 
-    studies: CachedStudy-like (shape (X, Y, Z), fg_slices, image() (Z, 2, X, Y), mask() (Z, X, Y)).
-    Item: (image float32 (C, S, S), mask float32 (1, S, S)), C = 2 * (2 * context_slices + 1).
+    studies: CachedStudy-like (shape (X, Y, Z), fg_slices, image() (Z, 2, X, Y), mask() (Z, X, Y);
+      for aux_target="organs" also has_organs, max_organ_label, organs() (Z, X, Y); spacing for
+      p_misalign; suv_max for "uptake").
+    Item: (image float32 (C, S, S), mask float32 (1, S, S)), C = 2 * (2 * context_slices + 1);
+    with aux_target "organs" / "uptake": (image, mask, aux int64 (S, S) class indices in
+    0 .. aux_classes - 1).
+    aux_classes: "organs": number of organ classes (None: max label over the studies + 1);
+      "uptake": 2 (None gives 2); "none": ignored, `self.aux_classes` is 0.
+    uptake_suv: threshold of the uptake target in SUV; suv_max: the cache's SUV clip (None: read
+      from the studies, which record it).
+    p_misalign: probability of the CT-only misalignment augmentation (module docstring).
     """
 
     def __init__(self, studies: Sequence, *, img_size: int, fg_fraction: float = 0.33,
                  augment: bool = True, context_slices: int = 0, samples_per_epoch: int,
-                 seed: int = 0):
+                 seed: int = 0, aux_target: str = "none", aux_classes: int | None = None,
+                 uptake_suv: float = UPTAKE_SUV, suv_max: float | None = None,
+                 p_misalign: float = 0.0):
         if not studies:
             raise DataError("PetCtSliceDataset got no studies; check the split (train set empty?)")
         if img_size < 1 or samples_per_epoch < 1 or context_slices < 0 or seed < 0:
@@ -102,7 +137,13 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
                             f"be >= 1 and context_slices={context_slices}, seed={seed} >= 0")
         if not 0.0 <= fg_fraction <= 1.0:
             raise DataError(f"fg_fraction={fg_fraction} must be within [0, 1]")
+        if not 0.0 <= p_misalign <= 1.0:
+            raise DataError(f"p_misalign={p_misalign} must be within [0, 1]")
         self.studies = list(studies)
+        self.aux_target, self.p_misalign = aux_target, p_misalign
+        self.aux_classes = _aux_classes(self.studies, aux_target, aux_classes)
+        self.uptake_suv = uptake_suv
+        self.suv_max = _suv_max(self.studies, suv_max, uptake_suv) if aux_target == "uptake" else suv_max
         self.img_size, self.fg_fraction, self.augment = img_size, fg_fraction, augment
         self.context_slices, self.seed = context_slices, seed
         self.samples_per_epoch = samples_per_epoch
@@ -141,20 +182,37 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         k = int(np.searchsorted(self._starts, g, side="right")) - 1
         return k, int(g - self._starts[k])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         if not 0 <= i < self.samples_per_epoch:
             raise IndexError(f"item {i} outside 0..{self.samples_per_epoch - 1}")
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         k, z = self.pick(rng)
         image, mask = self._read(k, z)  # (C, X, Y), (1, X, Y)
+        aux = self._read_aux(k, z, image, mask)  # (X, Y) int64 or None
         if self.augment:
-            return augment(image, mask, rng, self.img_size)
+            if self.p_misalign > 0:
+                rng_misalign = np.random.default_rng([self.seed, self.epoch, int(i), 1])
+                image = misalign_ct(image, self.studies[k].spacing[:2], rng_misalign, self.p_misalign)
+            return augment(image, mask, rng, self.img_size, aux=aux)
         image = to_model_grid(image[None], self.img_size)[0]
         mask = to_model_grid(mask[None], self.img_size, mode="nearest")[0]
-        return image, mask
+        if aux is None:
+            return image, mask
+        aux = to_model_grid(aux[None, None].float(), self.img_size, mode="nearest")[0, 0]
+        return image, mask, aux.long()
+
+    def _read_aux(self, k: int, z: int, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The aux target of slice z of study k, int64 (X, Y); None for aux_target "none"."""
+        if self.aux_target == "organs":
+            return torch.from_numpy(np.asarray(self._open(k)[2][z], np.int64))
+        if self.aux_target == "uptake":
+            pet = image[2 * self.context_slices + 1].numpy()  # the centre slice's PET channel
+            hot = uptake_from_channel(pet, mask[0].numpy(), self.suv_max, self.uptake_suv)
+            return torch.from_numpy(hot.astype(np.int64))
+        return None
 
     def _read(self, k: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_map, mask_map = self._open(k)
+        image_map, mask_map, _ = self._open(k)
         c = self.context_slices
         zs = np.clip(np.arange(z - c, z + c + 1), 0, image_map.shape[0] - 1)
         image = np.asarray(image_map[zs], np.float32)  # (2c+1, 2, X, Y): 2c+1 contiguous reads
@@ -162,26 +220,114 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         mask = np.asarray(mask_map[z:z + 1], np.float32)  # (1, X, Y)
         return torch.from_numpy(image), torch.from_numpy(mask)
 
-    def _open(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Memory maps of study k, from a small per-process LRU (opening costs ~0.15 ms)."""
+    def _open(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Memory maps (image, mask, organs or None) of study k, from a small per-process LRU
+        (opening costs ~0.15 ms)."""
         if k in self._maps:
             self._maps.move_to_end(k)
             return self._maps[k]
-        maps = (self.studies[k].image(), self.studies[k].mask())
+        study = self.studies[k]
+        maps = (study.image(), study.mask(), study.organs() if self.aux_target == "organs" else None)
         self._maps[k] = maps
         if len(self._maps) > _OPEN_MAPS:
             self._maps.popitem(last=False)
         return maps
 
 
+def _aux_classes(studies: list, aux_target: str, aux_classes: int | None) -> int:
+    """Number of aux classes for `aux_target`, checked against the studies (DataError naming the
+    first study that does not fit, and the fix)."""
+    if aux_target not in AUX_TARGETS:
+        raise DataError(f"aux_target={aux_target!r}: use one of {', '.join(AUX_TARGETS)}")
+    if aux_target == "none":
+        return 0
+    if aux_target == "uptake":
+        if aux_classes not in (None, 2):
+            raise DataError(f"aux_classes={aux_classes} with aux_target='uptake': the uptake "
+                            f"target has 2 classes (0 = other, 1 = hot non-tumour); pass 2 or None")
+        return 2
+    lacking = next((s for s in studies if not getattr(s, "has_organs", False)), None)
+    if lacking is not None:
+        raise DataError(f"study {lacking.case_id} ({lacking.source}) has no organ labels, which "
+                        f"aux_target='organs' needs; add ORGANS.nii.gz to its study folder "
+                        f"(nnU-Net: organsTr/<case>.nii.gz, PNG: <case>/organs/<z>.png) and "
+                        f"rebuild the cache, or use --aux_target=uptake / none")
+    top = max(s.max_organ_label for s in studies)
+    if aux_classes is None:
+        return top + 1
+    over = next((s for s in studies if s.max_organ_label >= aux_classes), None)
+    if aux_classes < 2 or over is not None:
+        found = f"; study {over.case_id} ({over.source}) has label {over.max_organ_label}" if over else ""
+        raise DataError(f"aux_classes={aux_classes}: organ labels must lie in 0..aux_classes - 1 "
+                        f"(and aux_classes >= 2){found}; pass the number of organ classes = the "
+                        f"largest label + 1 ({top + 1} for these studies)")
+    return int(aux_classes)
+
+
+def _suv_max(studies: list, suv_max: float | None, uptake_suv: float) -> float:
+    """The cache's SUV clip for the uptake target: `suv_max` if given, else what the studies
+    record; DataError when they disagree or the threshold is not below it."""
+    recorded = {float(s.suv_max) for s in studies if getattr(s, "suv_max", None) is not None}
+    if suv_max is None:
+        if len(recorded) != 1:
+            raise DataError(f"aux_target='uptake' needs the cache's suv_max (the studies record "
+                            f"{sorted(recorded) or 'none'}); pass suv_max=<the value used by prepare_cache>")
+        suv_max = recorded.pop()
+    elif recorded - {float(suv_max)}:
+        raise DataError(f"suv_max={suv_max} differs from the cache's {sorted(recorded)}; pass the "
+                        f"suv_max the cache was built with (or None to read it from the cache)")
+    if not 0 < uptake_suv < suv_max:
+        raise DataError(f"uptake_suv={uptake_suv} must lie in (0, suv_max={suv_max}): the cached "
+                        f"PET is clipped at suv_max")
+    return float(suv_max)
+
+
+def rotate_shift(x: torch.Tensor, spacing: Sequence[float], angle_deg: float,
+                 shift_mm: Sequence[float], fill: float = -1.0) -> torch.Tensor:
+    """Rotate (about the slice centre) and shift (C, X, Y) slices in physical units, bilinear.
+
+    spacing (sx, sy) mm per pixel along X and Y; shift_mm (dx, dy). Output pixel at physical
+    position p (mm from the centre) takes the input at R(angle) p + (dx, dy), so content moves
+    by -(dx, dy). In torch's normalised grid coordinates (order Y, X; align_corners=False) with
+    D = diag(Y * sy / 2, X * sx / 2): theta = [D^-1 R D | D^-1 (dy, dx)]. Outside: `fill`.
+    """
+    nx, ny = x.shape[-2:]
+    half = torch.tensor([ny * float(spacing[1]) / 2, nx * float(spacing[0]) / 2], dtype=torch.float64)
+    a = math.radians(angle_deg)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+    theta = torch.empty(1, 2, 3, dtype=torch.float64)
+    theta[0, :, :2] = rot * half[None, :] / half[:, None]  # D^-1 R D
+    theta[0, :, 2] = torch.tensor([float(shift_mm[1]), float(shift_mm[0])], dtype=torch.float64) / half
+    grid = F.affine_grid(theta.float(), [1, x.shape[0], nx, ny], align_corners=False)
+    out = F.grid_sample(x[None] - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0] + fill
+
+
+def misalign_ct(image: torch.Tensor, spacing: Sequence[float], rng: np.random.Generator,
+                p: float) -> torch.Tensor:
+    """With probability p, rotate the CT channels (even) by U(-5, 5) degrees and shift them by
+    U(-4, 4) mm per in-plane axis (`rotate_shift`, air outside); PET channels untouched.
+    image (C, X, Y) in [-1, 1]; spacing (sx, sy) in mm. Returns a new tensor or `image`."""
+    if rng.random() >= p:
+        return image
+    angle = rng.uniform(-MISALIGN_MAX_DEG, MISALIGN_MAX_DEG)
+    shift = rng.uniform(-MISALIGN_MAX_MM, MISALIGN_MAX_MM, size=2)
+    image = image.clone()
+    image[0::2] = rotate_shift(image[0::2], spacing, angle, shift, fill=-1.0).clamp(-1.0, 1.0)
+    return image
+
+
 def augment(image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator,
-            img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            img_size: int, aux: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Random rotation/scale (resampled straight to S x S), flips, rot90, intensity jitter.
 
-    image (C, X, Y) in [-1, 1] with CT on even and PET on odd channels; mask (1, X, Y) in {0, 1}.
-    Returns (C, S, S), (1, S, S). Geometry is shared by image and mask (nearest for the mask,
-    so it stays binary); everything is drawn from `rng`.
+    image (C, X, Y) in [-1, 1] with CT on even and PET on odd channels; mask (1, X, Y) in {0, 1};
+    aux (X, Y) int64 class indices or None.
+    Returns (C, S, S), (1, S, S) [, aux (S, S) int64]. Geometry is shared by image, mask and aux
+    (nearest for mask and aux, so labels stay labels); everything is drawn from `rng`, the
+    same draws with or without aux.
     """
+    labels = mask if aux is None else torch.cat([mask, aux[None].float()])  # (1 or 2, X, Y)
     if rng.random() < P_AFFINE:
         angle = math.radians(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
         zoom = 1.0 / rng.uniform(*SCALE_RANGE)  # sampling grid shrinks when the content grows
@@ -191,18 +337,19 @@ def augment(image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator,
         # pad with -1 (air, zero uptake) by shifting to [0, 2] around zeros padding
         image = F.grid_sample(image[None] + 1.0, grid, mode="bilinear", padding_mode="zeros",
                               align_corners=False)[0] - 1.0
-        mask = F.grid_sample(mask[None], grid, mode="nearest", padding_mode="zeros",
-                             align_corners=False)[0]
+        labels = F.grid_sample(labels[None], grid, mode="nearest", padding_mode="zeros",
+                               align_corners=False)[0]
     else:
         image = to_model_grid(image[None], img_size)[0]
-        mask = to_model_grid(mask[None], img_size, mode="nearest")[0]
+        labels = to_model_grid(labels[None], img_size, mode="nearest")[0]
 
     flips = [d for d in (1, 2) if rng.random() < 0.5]
     if flips:
-        image, mask = torch.flip(image, flips), torch.flip(mask, flips)
+        image, labels = torch.flip(image, flips), torch.flip(labels, flips)
     k = int(rng.integers(4))
     if k:
-        image, mask = torch.rot90(image, k, (1, 2)), torch.rot90(mask, k, (1, 2))
+        image, labels = torch.rot90(image, k, (1, 2)), torch.rot90(labels, k, (1, 2))
+    mask = labels[:1]
 
     image = image.contiguous()
     pet = (image[1::2] + 1.0) * 0.5  # (C/2, S, S) u = SUV / suv_max in [0, 1]
@@ -217,4 +364,6 @@ def augment(image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator,
     if rng.random() < P_CT_SHIFT:
         shift = float(rng.uniform(-CT_SHIFT_MAX, CT_SHIFT_MAX))
         image[0::2] = (image[0::2] + shift).clamp(-1.0, 1.0)
-    return image, mask.contiguous()
+    if aux is None:
+        return image, mask.contiguous()
+    return image, mask.contiguous(), labels[1].round().long()

@@ -25,6 +25,9 @@ ATTN), then the one with most slices; the CT series with most slices. Files are 
   date, moved one day back when that lies after the scan (injection 23:50, scan 00:40 -> 50 min).
 - Mask: a NIfTI file whose name contains "seg" (e.g. SEG.nii.gz) in the study folder (the common
   folder of the CT and PET series) or below it, on the PET grid.
+- Organ labels (optional): a NIfTI file whose name contains "organ" (e.g. ORGANS.nii.gz, or
+  organs_totalseg.nii.gz: a name with "organ" is never taken for the mask) in the same place,
+  integer labels on the PET grid.
 pydicom is imported inside the functions so that `import data` stays light.
 """
 from __future__ import annotations
@@ -120,10 +123,18 @@ def scan_dicom(data_dir: str | os.PathLike, require_mask: bool = True) -> tuple[
         for role in ("ct", "pet"):
             if not os.path.isdir(paths[role]):  # a one-slice series: commonpath is the file
                 paths[role] = os.path.dirname(paths[role])
-        masks = sorted(p for p in folder.rglob("*.nii*") if "seg" in p.name.lower())
+        niftis = sorted(folder.rglob("*.nii*"))
+        organs = [p for p in niftis if "organ" in p.name.lower()]
+        masks = [p for p in niftis if "seg" in p.name.lower() and p not in organs]
         if len(masks) > 1:
             problems.append((case_id, f"{folder}: several masks {[str(m) for m in masks]}; keep one SEG.nii.gz"))
             continue
+        if len(organs) > 1:
+            problems.append((case_id, f"{folder}: several organ label files {[str(o) for o in organs]}; "
+                                      f"keep one ORGANS.nii.gz"))
+            continue
+        if organs:
+            paths["organs"] = str(organs[0])
         if masks:
             paths["mask"] = str(masks[0])
         elif require_mask:
@@ -295,16 +306,19 @@ def pet_suv_factor(dss: list) -> float:
 
 
 def load_dicom_study(ref: StudyRef, resample: bool = False) -> Study:
-    """Read a DICOM StudyRef: PET -> SUV, CT (HU) resampled onto the PET grid, optional NIfTI mask."""
+    """Read a DICOM StudyRef: PET -> SUV, CT (HU) resampled onto the PET grid, optional NIfTI mask
+    and organ labels."""
     pet_raw, pet_affine, pet_dss = read_series(_series_files(ref.paths["pet"], ref.series_uids["pet"]))
     pet = pet_raw * np.float32(pet_suv_factor(pet_dss))
     ct, ct_affine, _ = read_series(_series_files(ref.paths["ct"], ref.series_uids["ct"]))
     if not same_grid(ct.shape, ct_affine, pet.shape, pet_affine):
         ct = resample_to_grid(ct, ct_affine, pet_affine, pet.shape, order=1, cval=-1000.0)
     mask, mask_affine = read_nifti(ref.paths["mask"]) if "mask" in ref.paths else (None, None)
+    organs, organs_affine = read_nifti(ref.paths["organs"]) if "organs" in ref.paths else (None, None)
     return assemble_study(ct=ct, ct_affine=pet_affine, ct_path=ref.paths["ct"], pet=pet, pet_affine=pet_affine,
                           pet_path=ref.paths["pet"], mask=mask, mask_affine=mask_affine,
-                          mask_path=ref.paths.get("mask"), case_id=ref.case_id, patient_id=ref.patient_id,
+                          mask_path=ref.paths.get("mask"), organs=organs, organs_affine=organs_affine,
+                          organs_path=ref.paths.get("organs"), case_id=ref.case_id, patient_id=ref.patient_id,
                           source=ref.paths["study"], resample=resample)
 
 

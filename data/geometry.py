@@ -1,6 +1,6 @@
 """Geometry and validation shared by every reader (NIfTI, nnU-Net, DICOM, PNG): one grid test,
 resampling onto the PET grid, exact reorientation, NIfTI reading, and `assemble_study`, which
-checks CT / PET / mask and puts them on the PET grid.
+checks CT / PET / mask / organ labels and puts them on the PET grid.
 
     ct_on_pet = resample_to_grid(ct, ct_affine, pet_affine, pet.shape, order=1, cval=-1000.0)
     study = assemble_study(ct=ct, ct_affine=..., pet=pet, pet_affine=..., mask=mask, ...)
@@ -117,6 +117,22 @@ def check_binary(mask: np.ndarray, path: str, case_id: str) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
+def check_labels(labels: np.ndarray, path: str, case_id: str) -> np.ndarray:
+    """Return an organ label volume as uint8; refuse values that are not integers in 0..255.
+
+    A float-valued file (a resampled, interpolated label map) or NaN would silently turn into
+    wrong classes, so it is refused with the file name and the fix.
+    """
+    labels = np.asarray(labels)
+    bad = ~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 0) | (labels > 255)
+    if bad.any():
+        values = np.unique(labels[bad])[:8]
+        raise DataError(f"{path}: the organ labels of study {case_id} are not integers in 0..255 "
+                        f"({int(bad.sum())} voxel(s), e.g. {values.tolist()}); save integer labels "
+                        f"(uint8), resampled with nearest-neighbour interpolation")
+    return labels.astype(np.uint8)
+
+
 def _to_pet_grid(array, affine, path, what, pet, pet_affine, pet_path, case_id, resample, order, cval):
     """`array` on the PET grid: unchanged if the grids agree, exactly reoriented if they differ by
     flips/permutations, resampled if `resample`, else a DataError that says what differs."""
@@ -140,8 +156,14 @@ def _to_pet_grid(array, affine, path, what, pet, pet_affine, pet_path, case_id, 
 
 
 def assemble_study(*, ct, ct_affine, ct_path, pet, pet_affine, pet_path, mask=None, mask_affine=None,
-                   mask_path=None, case_id, patient_id, source, resample=False) -> Study:
-    """Validate CT / PET / mask and put them on the PET grid. Shared by every reader."""
+                   mask_path=None, organs=None, organs_affine=None, organs_path=None, case_id,
+                   patient_id, source, resample=False) -> Study:
+    """Validate CT / PET / mask / organ labels and put them on the PET grid. Shared by every reader.
+
+    The mask and the organ labels take the same route: exact reorientation when the grids differ
+    only by axis flips / permutations, nearest-neighbour resampling with `resample`, else a
+    DataError.
+    """
     check_finite(pet, pet_path, "PET", case_id)
     check_finite(ct, ct_path, "CT", case_id)
     ct = _to_pet_grid(ct, ct_affine, ct_path, "CT", pet, pet_affine, pet_path, case_id, resample, 1, -1000.0)
@@ -149,10 +171,15 @@ def assemble_study(*, ct, ct_affine, ct_path, pet, pet_affine, pet_path, mask=No
         mask = check_binary(mask, mask_path, case_id)
         mask = _to_pet_grid(mask, mask_affine, mask_path, "mask", pet, pet_affine, pet_path, case_id,
                             resample, 0, 0.0).astype(np.uint8)
+    if organs is not None:
+        organs = check_labels(organs, organs_path, case_id)
+        organs = _to_pet_grid(organs, organs_affine, organs_path, "organ labels", pet, pet_affine,
+                              pet_path, case_id, resample, 0, 0.0)
+        organs = np.ascontiguousarray(organs, np.uint8)
     return Study(ct=np.ascontiguousarray(ct, np.float32), pet=np.ascontiguousarray(pet, np.float32),
                  mask=mask, spacing=spacing_from_affine(pet_affine),
                  affine=np.asarray(pet_affine, np.float64), case_id=case_id, patient_id=patient_id,
-                 source=source)
+                 source=source, organs=organs)
 
 
 def save_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:

@@ -4,18 +4,29 @@
     study = load_study(refs[0])                   # Study: CT (HU) and PET (SUV) on the PET grid
 
 Layouts ("auto" detects them in this order):
-- "nnunet":  <dir>/imagesTr|imagesTs/<case>_<XXXX>.nii.gz and labelsTr|labelsTs/<case>.nii.gz.
+- "nnunet":  <dir>/imagesTr|imagesTs/<case>_<XXXX>.nii.gz and labelsTr|labelsTs/<case>.nii.gz;
+             optional organ labels organsTr|organsTs/<case>.nii.gz (the folder beside
+             labelsTr / labelsTs of the same split, named like the label file).
              The channel order is explicit (`ct_channel`, `pet_channel`; autoPET III: 0 = CT,
              1 = PET; the autoPET I baseline used the opposite). `dataset.json` channel_names
              (or v1 "modality") is cross-checked: a name saying PET on the CT channel or CT on
              the PET channel (while the CT channel is not also named CT, as autoPET III does so
              that nnU-Net normalises both alike) is refused. Unlabelled imagesTs cases are skipped
              when `require_mask=True`.
-- "png":     <dir>/<case>/{ct,pet,mask}/<z>.png, see `write_png_study` for the encoding.
+- "png":     <dir>/<case>/{ct,pet,mask}/<z>.png, optional <case>/organs/<z>.png (8-bit integer
+             labels), see `write_png_study` for the encoding.
 - "autopet": <dir>/<patient>/<study>/{SUV,CTres,SEG}.nii.gz at any depth (folder names may hold
              spaces; CT.nii.gz / PET.nii.gz are ignored; CT.nii.gz is used only when CTres is
-             absent, and then needs resample=True).
-- "dicom":   a CT and a PET series anywhere below a study folder, see data/dicom.py.
+             absent, and then needs resample=True); optional ORGANS.nii.gz in the study folder.
+- "dicom":   a CT and a PET series anywhere below a study folder, see data/dicom.py; optional
+             organ labels: a NIfTI whose name contains "organ" (e.g. ORGANS.nii.gz) in it.
+
+Organ labels (all layouts, optional): integer labels 0..255 on the PET grid (or one that
+differs only by axis flips / permutations; other grids need resample=True, nearest), read into
+`Study.organs` and found as `StudyRef.paths["organs"]`. The phantom writes the map of
+data/organs.py (ORGAN_LABELS); a user's own file, e.g. TotalSegmentator output saved as
+ORGANS.nii.gz, keeps its own label values, and its number of classes (max label + 1) is what
+the dataset, model and loss must be given, the same for every study.
 
 Ids: the first study of a patient folder gets case_id = the folder name, later ones (sorted by
 study folder name) `<patient>_2`, `<patient>_3`, ... For nnU-Net / PNG case names the patient id
@@ -104,6 +115,8 @@ def _scan_autopet(d: Path, require_mask: bool) -> tuple[list[StudyRef], list[Pro
                 problems.append((case_id, f"{s}: no CTres.nii.gz (CT on the PET grid) or CT.nii.gz; add the CT"))
                 continue
             paths = {"pet": str(s / "SUV.nii.gz"), "ct": str(ct)}
+            if (s / "ORGANS.nii.gz").exists():
+                paths["organs"] = str(s / "ORGANS.nii.gz")
             if (s / "SEG.nii.gz").exists():
                 paths["mask"] = str(s / "SEG.nii.gz")
             elif require_mask:
@@ -165,8 +178,10 @@ def _scan_nnunet(d: Path, ct_channel: int, pet_channel: int, require_mask: bool)
                                           f"pet_channel={pet_channel}); add the file or fix the channel order"))
                 continue
             paths = {"ct": str(files[ct_channel]), "pet": str(files[pet_channel])}
-            label = next((p for p in (d / f"labels{split}" / f"{case}.nii.gz", d / f"labels{split}" / f"{case}.nii")
-                          if p.exists()), None)
+            label = _first_existing(d / f"labels{split}", case)
+            organs = _first_existing(d / f"organs{split}", case)
+            if organs is not None:
+                paths["organs"] = str(organs)
             if label is not None:
                 paths["mask"] = str(label)
             elif require_mask and split == "Tr":
@@ -180,12 +195,19 @@ def _scan_nnunet(d: Path, ct_channel: int, pet_channel: int, require_mask: bool)
     return refs, problems
 
 
+def _first_existing(folder: Path, case: str) -> Path | None:
+    """<folder>/<case>.nii.gz or <case>.nii, whichever exists first; None if neither."""
+    return next((p for p in (folder / f"{case}.nii.gz", folder / f"{case}.nii") if p.exists()), None)
+
+
 def _scan_png(d: Path, require_mask: bool):
     cases = _png_cases(d)
     patients = _patient_ids([c.name for c in cases])
     refs, problems = [], []
     for c in cases:
         paths = {"ct": str(c / "ct"), "pet": str(c / "pet"), "case": str(c)}
+        if (c / "organs").is_dir():
+            paths["organs"] = str(c / "organs")
         if (c / "mask").is_dir():
             paths["mask"] = str(c / "mask")
         elif require_mask:
@@ -246,9 +268,11 @@ def _load_nifti_study(ref: StudyRef, resample: bool) -> Study:
     ct, ct_affine = read_nifti(ref.paths["ct"])
     pet, pet_affine = read_nifti(ref.paths["pet"])
     mask, mask_affine = read_nifti(ref.paths["mask"]) if "mask" in ref.paths else (None, None)
+    organs, organs_affine = read_nifti(ref.paths["organs"]) if "organs" in ref.paths else (None, None)
     return assemble_study(ct=ct, ct_affine=ct_affine, ct_path=ref.paths["ct"], pet=pet, pet_affine=pet_affine,
                           pet_path=ref.paths["pet"], mask=mask, mask_affine=mask_affine,
-                          mask_path=ref.paths.get("mask"), case_id=ref.case_id, patient_id=ref.patient_id,
+                          mask_path=ref.paths.get("mask"), organs=organs, organs_affine=organs_affine,
+                          organs_path=ref.paths.get("organs"), case_id=ref.case_id, patient_id=ref.patient_id,
                           source=str(Path(ref.paths["pet"]).parent), resample=resample)
 
 
@@ -288,6 +312,7 @@ def write_png_study(study: Study, case_dir: str | os.PathLike) -> Path:
     <case_dir>/ct/<z>.png    uint16, stored = round(HU + 1024), clipped to [0, 65535]
     <case_dir>/pet/<z>.png   uint16, stored = round(SUV * 1000), clipped to [0, 65535]
     <case_dir>/mask/<z>.png  uint8, 0 = background, 255 = tumour (visible in any viewer)
+    <case_dir>/organs/<z>.png  uint8 organ labels as they are (0..255), when study.organs is set
     <case_dir>/spacing.json  {"spacing": [sx, sy, sz]} in mm
     z = 0..Z-1 without padding; pixel [i, j] of slice z is voxel (i, j, z): rows are the X axis.
     Lossy: 1 HU and 0.001 SUV steps; SUV above 65.535 and HU above 64511 are clipped.
@@ -299,6 +324,8 @@ def write_png_study(study: Study, case_dir: str | os.PathLike) -> Path:
                "pet": np.clip(np.rint(study.pet * PNG_SUV_SCALE), 0, 65535).astype(np.uint16)}
     if study.mask is not None:
         volumes["mask"] = (study.mask > 0).astype(np.uint8) * 255
+    if study.organs is not None:
+        volumes["organs"] = np.asarray(study.organs, np.uint8)
     for name, vol in volumes.items():
         (case_dir / name).mkdir(parents=True, exist_ok=True)
         for z in range(vol.shape[2]):
@@ -358,7 +385,11 @@ def _load_png_study(ref: StudyRef, resample: bool) -> Study:
         mask, _ = _read_png_stack(Path(ref.paths["mask"]), ref.case_id, expect_16bit=False)
         if set(np.unique(mask).tolist()) <= {0.0, 255.0}:
             mask = mask / 255.0  # the encoding write_png_study uses; 0/1 masks are accepted as they are
+    organs = None
+    if "organs" in ref.paths:  # integer labels as stored (8-bit; 16-bit values above 255 are refused)
+        organs, _ = _read_png_stack(Path(ref.paths["organs"]), ref.case_id, expect_16bit=False)
     return assemble_study(ct=ct - PNG_CT_OFFSET, ct_affine=affine, ct_path=ref.paths["ct"],
                           pet=pet / PNG_SUV_SCALE, pet_affine=affine, pet_path=ref.paths["pet"], mask=mask,
-                          mask_affine=affine, mask_path=ref.paths.get("mask"), case_id=ref.case_id,
+                          mask_affine=affine, mask_path=ref.paths.get("mask"), organs=organs,
+                          organs_affine=affine, organs_path=ref.paths.get("organs"), case_id=ref.case_id,
                           patient_id=ref.patient_id, source=str(case_dir), resample=resample)

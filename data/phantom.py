@@ -11,9 +11,13 @@ thresholding. Every study is a pure function of (seed, index).
 
 Layouts written (docs/data.md, "Layouts"):
     autopet: <out_dir>/PETCT_<10 hex>/<MM-DD-YYYY-NA-PET-CT Ganzkoerper  primaer mit KM-xxxxx>/
-             {SUV,CTres,SEG}.nii.gz   (float32 SUV, float32 HU, uint8 label; one affine)
-    nnunet:  <out_dir>/imagesTr/<case>_0000.nii.gz (CT), _0001 (PET), labelsTr/<case>.nii.gz
-and <out_dir>/phantom_metadata.json (per-case and per-lesion metadata).
+             {SUV,CTres,SEG,ORGANS}.nii.gz   (float32 SUV, float32 HU, uint8 tumour label,
+             uint8 organ labels of data/organs.py ORGAN_LABELS; one affine)
+    nnunet:  <out_dir>/imagesTr/<case>_0000.nii.gz (CT), _0001 (PET), labelsTr/<case>.nii.gz,
+             organsTr/<case>.nii.gz
+and <out_dir>/phantom_metadata.json (per-case and per-lesion metadata, PHANTOM_VERSION).
+A folder written by an older PHANTOM_VERSION (or lacking a study's ORGANS file) is completed
+by rewriting those studies; CT, PET and SEG of a study are the same in every version.
 Every 10th study (index % 10 == 9) is a second study of the previous study's patient.
 
 Image formation (per study): SUV activity map painted with partial-volume edges -> 3-D
@@ -40,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import _anatomy as A
+from data.organs import organ_labels
 from data.study import DataError
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,9 @@ SIZES: dict[str, dict] = {
 }
 FWHM_2_SIGMA = 1 / (2 * np.sqrt(2 * np.log(2)))  # sigma = FWHM / 2.3548
 METADATA = "phantom_metadata.json"
+# 1: CT, PET, SEG; 2: + the organ label volume (ORGANS.nii.gz / organsTr). Bump when the files
+# written for a study change; studies of another version are rewritten by `generate`.
+PHANTOM_VERSION = 2
 # fork: workers need not re-import (data/__init__ may pull in torch); spawn elsewhere
 _START = "fork" if sys.platform.startswith("linux") else "spawn"
 
@@ -72,6 +80,11 @@ class Rendered:
     spacing: tuple[float, float, float]
     affine: np.ndarray    # (4, 4) voxel -> world mm, RAS+
     meta: dict
+
+    @property
+    def organs(self) -> np.ndarray:
+        """uint8 (X, Y, Z) organ labels (data/organs.py ORGAN_LABELS; lesions are 0)."""
+        return organ_labels(self.tissue)
 
 
 def patient_index(index: int) -> int:
@@ -151,6 +164,7 @@ def render(index: int, size: str = "demo", seed: int = 0) -> Rendered:
         les["recovered_suvmax"] = round(float(pet[sl][mask].max()), 3)
     voxel_ml = float(np.prod(cv.spacing)) / 1000
     meta = {**names(index, seed), "index": index, "seed": seed, "size": size,
+            "phantom_version": PHANTOM_VERSION,
             "has_tumor": tumour, "shape": list(shape), "spacing": [float(s) for s in cv.spacing],
             "contrast_ct": contrast, "misregistration_mm": round(misreg, 2),
             **pet_info, **ct_info, "distractors": info,
@@ -230,11 +244,13 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def _layout_paths(out_dir: Path, meta: dict, layout: str) -> dict[str, Path]:
     if layout == "autopet":
         d = out_dir / meta["patient_id"] / meta["study_folder"]
-        return {"pet": d / "SUV.nii.gz", "ct": d / "CTres.nii.gz", "seg": d / "SEG.nii.gz"}
+        return {"pet": d / "SUV.nii.gz", "ct": d / "CTres.nii.gz", "seg": d / "SEG.nii.gz",
+                "organs": d / "ORGANS.nii.gz"}
     c = meta["case_id"]
     return {"ct": out_dir / "imagesTr" / f"{c}_0000.nii.gz",
             "pet": out_dir / "imagesTr" / f"{c}_0001.nii.gz",
-            "seg": out_dir / "labelsTr" / f"{c}.nii.gz"}
+            "seg": out_dir / "labelsTr" / f"{c}.nii.gz",
+            "organs": out_dir / "organsTr" / f"{c}.nii.gz"}
 
 
 def write_study(r: Rendered, out_dir: str | os.PathLike, layouts: Iterable[str] = ("autopet",)) -> None:
@@ -242,14 +258,15 @@ def write_study(r: Rendered, out_dir: str | os.PathLike, layouts: Iterable[str] 
     out_dir (where no layout reader looks) and are renamed into place, so an interrupted run
     never leaves a half-written study."""
     out_dir = Path(out_dir)
-    arrays = {"pet": r.pet, "ct": r.ct, "seg": r.seg}
+    arrays = {"pet": r.pet, "ct": r.ct, "seg": r.seg, "organs": r.organs}
     tmp = out_dir / f".tmp-{r.meta['case_id']}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for layout in layouts:
         paths = _layout_paths(out_dir, r.meta, layout)
-        (tmp / layout).mkdir(parents=True, exist_ok=True)
-        for key, p in paths.items():
-            _save_nifti(arrays[key], r.affine, tmp / layout / p.name)
+        staged = {key: _staged(tmp, layout, p) for key, p in paths.items()}
+        for key, p in staged.items():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _save_nifti(arrays[key], r.affine, p)
         if layout == "autopet":  # the whole study folder is renamed into place
             final = paths["pet"].parent
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -257,13 +274,24 @@ def write_study(r: Rendered, out_dir: str | os.PathLike, layouts: Iterable[str] 
                 shutil.rmtree(final)
             os.rename(tmp / layout, final)
         else:
-            for p in paths.values():
+            for key, p in paths.items():
                 p.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / layout / p.name, p)
+                os.replace(staged[key], p)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _staged(tmp: Path, layout: str, final: Path) -> Path:
+    """Where a file is written before it is renamed into place: the autoPET study folder is
+    staged flat (renamed as a whole); nnU-Net files keep their folder (labelsTr/<case>.nii.gz
+    and organsTr/<case>.nii.gz share a name)."""
+    if layout == "autopet":
+        return tmp / layout / final.name
+    return tmp / layout / final.parent.name / final.name
+
+
 def _complete(out_dir: Path, meta: dict, layouts: Iterable[str]) -> bool:
+    """Every file of the study exists in every layout (ORGANS included: folders written before
+    PHANTOM_VERSION 2 have none, so their studies are rewritten)."""
     return all(p.is_file() for lay in layouts for p in _layout_paths(out_dir, meta, lay).values())
 
 
@@ -289,8 +317,8 @@ def _read_metadata(path: Path, size: str, seed: int) -> dict:
 
 
 def _write_metadata(path: Path, size: str, seed: int, cases: dict) -> None:
-    doc = {"generator": "data.phantom", "size": size, "seed": seed, "n_cases": len(cases),
-           "spec": "docs/phantom.md", "cases": [cases[i] for i in sorted(cases)]}
+    doc = {"generator": "data.phantom", "phantom_version": PHANTOM_VERSION, "size": size,
+           "seed": seed, "n_cases": len(cases), "spec": "docs/phantom.md", "cases": [cases[i] for i in sorted(cases)]}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
@@ -316,8 +344,9 @@ def generate(out_dir: str | os.PathLike, n_cases: int, size: str = "demo", seed:
     cases = _read_metadata(meta_path, size, seed)
     for stale in out.glob(".tmp-*"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
-    todo = [i for i in range(start_index, start_index + n_cases)
-            if i not in cases or not _complete(out, cases[i], layouts)]
+    todo = [i for i in range(start_index, start_index + n_cases) if i not in cases
+            or cases[i].get("phantom_version", 1) != PHANTOM_VERSION  # older files: rewrite
+            or not _complete(out, cases[i], layouts)]
     t0 = time.time()
     jobs = [(i, size, seed, str(out), layouts) for i in todo]
     from tqdm import tqdm

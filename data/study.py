@@ -1,7 +1,8 @@
 """The in-memory study and the error every data reader raises.
 
 A `Study` is one PET/CT examination on one voxel grid (the PET grid): CT in HU, PET in SUV,
-an optional binary tumour mask, and the geometry that maps voxels to scanner coordinates.
+an optional binary tumour mask, optional organ labels, and the geometry that maps voxels to
+scanner coordinates.
 A `StudyRef` is what `find_studies` returns: where a study lives, before anything is read.
 """
 from __future__ import annotations
@@ -30,6 +31,10 @@ class Study:
     case_id:    file-name safe id that starts with the patient folder's name.
     patient_id: studies with the same patient_id are never split across train/val/test.
     source:     where the study was read from (folder or file), for messages and caches.
+    organs:     uint8 (X, Y, Z) integer organ labels 0..255 (0 = background), or None when the
+                study has no organ label volume. The phantom's map is data/organs.py
+                ORGAN_LABELS; a user's own file (e.g. TotalSegmentator output saved as
+                ORGANS.nii.gz) keeps its own label values.
     Axis 2 (Z) is the axial slice axis.
     """
 
@@ -41,6 +46,7 @@ class Study:
     case_id: str
     patient_id: str
     source: str
+    organs: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,8 +61,8 @@ class Study:
 class StudyRef:
     """Where a study lives. `layout` is one of "autopet", "nnunet", "dicom", "png".
 
-    paths: role -> existing file or folder, e.g. {"ct": ..., "pet": ..., "mask": ...}
-      (no "mask" key when the study is unlabelled). For DICOM, "ct"/"pet" are the folders that
+    paths: role -> existing file or folder, e.g. {"ct": ..., "pet": ..., "mask": ..., "organs": ...}
+      (no "mask" key when the study is unlabelled, no "organs" key without organ labels). For DICOM, "ct"/"pet" are the folders that
       hold each series and "study" the study folder.
     series_uids: DICOM only, {"ct": SeriesInstanceUID, "pet": SeriesInstanceUID}, so that a
       folder holding several series is read unambiguously.

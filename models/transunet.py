@@ -6,7 +6,9 @@
              `vit_base_r50_s16_224`, which is the paper's R50-ViT-B_16 encoder)
     decoder: "CUP" (cascaded upsampler), written here: Conv3x3-BN-ReLU embed_dim -> head_channels,
              then four blocks of bilinear x2 + concat skip + 2x Conv3x3-BN-ReLU,
-             skips at 1/8, 1/4, 1/2 (`n_skip` of them), head Conv3x3 -> num_classes logits.
+             skips at 1/8, 1/4, 1/2 (`n_skip` of them), head Conv3x3 -> num_classes logits;
+             with aux_classes = K > 0 a second Conv3x3 head on the same decoder output gives K
+             auxiliary logits, appended in train mode only (models/aux.py has the contract).
 
 Shapes for R50-ViT-B_16 at S = 224, in_channels = 2:
     x (B, 2, 224, 224) -> stem 64 @ 112 (skip 3) -> stage1 256 @ 56 (skip 2) -> stage2 512 @ 28
@@ -30,6 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
+
+from .aux import AuxHead, check_aux_classes
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,15 @@ class TransUNet(nn.Module):
 
     The input size may differ from `img_size` at forward time (the position embedding is then
     resized bicubically on the fly); `img_size` fixes the stored position grid.
+    aux_classes = K > 0 adds `aux_head`, Conv2d(decoder_channels[-1], K, 3, padding=1) on the
+    decoder output: in train mode forward returns (B, num_classes + K, S, S) (lesion logits
+    first), in eval mode (B, num_classes, S, S) as without the head (models/aux.py).
     """
 
     def __init__(self, spec: TransUNetSpec, in_channels: int = 2, num_classes: int = 1,
                  img_size: int = 224, n_skip: int | None = None, dropout: float | None = None,
                  attn_dropout: float = 0.0, drop_path: float = 0.0, grad_checkpointing: bool = False,
-                 name: str = "transunet"):
+                 name: str = "transunet", aux_classes: int = 0):
         super().__init__()
         n_skip = spec.default_n_skip if n_skip is None else n_skip
         max_skip = 3 if spec.cnn_layers else 0
@@ -187,6 +194,8 @@ class TransUNet(nn.Module):
         self.decoder = CUPDecoder(spec.embed_dim, spec.head_channels, spec.decoder_channels,
                                   skip_channels, n_skip)
         self.segmentation_head = nn.Conv2d(spec.decoder_channels[-1], num_classes, 3, padding=1)
+        self.aux_classes = check_aux_classes(aux_classes)
+        self.aux_head = AuxHead(spec.decoder_channels[-1], aux_classes) if aux_classes else None
 
     def encode_cnn(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, C, S, S) -> feature map (B, D, S/16, S/16) and skips [1/8, 1/4, 1/2] (deepest first)."""
@@ -225,4 +234,8 @@ class TransUNet(nn.Module):
                 tokens = block(tokens)
         tokens = self.vit.norm(tokens)  # (B, h*w, D)
         feat = tokens.transpose(1, 2).reshape(b, d, h, w)  # (B, D, h, w)
-        return self.segmentation_head(self.decoder(feat, skips))  # (B, num_classes, S, S)
+        decoded = self.decoder(feat, skips)  # (B, decoder_channels[-1], S, S)
+        logits = self.segmentation_head(decoded)  # (B, num_classes, S, S)
+        if self.aux_head is not None and self.training:
+            return torch.cat([logits, self.aux_head(decoded)], dim=1)  # (B, num_classes + K, S, S)
+        return logits

@@ -11,7 +11,9 @@ Adaptations:
 - position embedding: leading class-token rows are dropped (TransUNet has none), the grid is
   resized bicubically (timm's `resample_abs_pos_embed` convention, align_corners=False);
 - a file that holds only an encoder (Google's npz, a timm ViT or an smp encoder checkpoint)
-  leaves the decoder and segmentation head at their random initialisation.
+  leaves the decoder and segmentation head at their random initialisation;
+- the auxiliary head (`aux_head.*`, models/aux.py): a file without one leaves a model's head at
+  its initialisation, a file with one loads into a model without it (the head is dropped).
 
 npz layout (Google research vision_transformer, as read by Beckschen/TransUNet and timm):
     conv kernels HWIO, dense kernels (in, out), attention query/key/value kernels (D, heads, D/heads)
@@ -43,10 +45,10 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 # Parts a file may lack entirely (an encoder-only checkpoint); they then keep their random init.
-OPTIONAL_PREFIXES = ("decoder.", "segmentation_head.")
+OPTIONAL_PREFIXES = ("decoder.", "segmentation_head.", "aux_head.")
 # Classifier / token parameters of timm or torchvision models that a segmentation model has no use for.
 _IGNORABLE = re.compile(
-    r"(^|\.)(head|fc|classifier|pre_logits|fc_norm|cls_token|reg_token|dist_token|head_dist)(\.|$)")
+    r"(^|\.)(head|fc|classifier|pre_logits|fc_norm|cls_token|reg_token|dist_token|head_dist|aux_head)(\.|$)")
 
 
 class WeightsError(ValueError):

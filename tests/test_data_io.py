@@ -261,3 +261,82 @@ def test_check_cli_no_traceback(tiny_autopet_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stdout.count("BAD ") == 4
+
+
+
+# ----------------------------------------------------------------------------- organ labels
+
+def _organs(shape=TINY_SHAPE, seed=0) -> np.ndarray:
+    """Random integer labels 0..19: any misplaced voxel (a flip, a shift) shows."""
+    return np.random.default_rng(seed).integers(0, 20, shape).astype(np.uint8)
+
+
+def test_autopet_organs_found_and_loaded(tiny_autopet_dir, tmp_path):
+    root = _copy(tiny_autopet_dir, tmp_path)
+    refs = find_studies(root)
+    assert all("organs" not in r.paths for r in refs) and load_study(refs[0]).organs is None
+    organs = _organs()
+    study_dir = Path(refs[0].paths["pet"]).parent
+    nib.save(nib.Nifti1Image(organs, TINY_AFFINE), study_dir / "ORGANS.nii.gz")
+    refs = find_studies(root)
+    assert refs[0].paths["organs"] == str(study_dir / "ORGANS.nii.gz")
+    assert all("organs" not in r.paths for r in refs[1:])
+    s = load_study(refs[0])
+    assert s.organs.dtype == np.uint8 and np.array_equal(s.organs, organs)
+
+
+def test_flipped_organs_are_reoriented_exactly(tmp_path):
+    ct, pet, mask = make_tiny_study(0, has_tumor=True)
+    organs = _organs()
+    d = write_autopet_study(tmp_path / "P1" / "s1", ct, pet, mask)
+    flip_xz = np.array([[-1, 0, 0, TINY_SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, -1, TINY_SHAPE[2] - 1], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(organs[::-1, :, ::-1].copy(), TINY_AFFINE @ flip_xz), d / "ORGANS.nii.gz")
+    assert np.array_equal(load_study(d).organs, organs)
+    permuted = TINY_AFFINE[:, [1, 0, 2, 3]]  # X and Y swapped (a transposed export)
+    nib.save(nib.Nifti1Image(organs.transpose(1, 0, 2).copy(), permuted), d / "ORGANS.nii.gz")
+    assert np.array_equal(load_study(d).organs, organs)
+    shifted = TINY_AFFINE.copy()
+    shifted[0, 3] += 1.0  # half a voxel: no exact reorientation exists
+    nib.save(nib.Nifti1Image(organs, shifted), d / "ORGANS.nii.gz")
+    with pytest.raises(DataError, match=r"organ labels and PET grids differ.*ORGANS.nii.gz.*--resample=True"):
+        load_study(d)
+
+
+@pytest.mark.parametrize("bad,shown", [(0.5, "0.5"), (-1.0, "-1.0"), (300.0, "300.0"), (np.nan, "nan")])
+def test_non_integer_organs_refused_with_file_name(tmp_path, bad, shown):
+    ct, pet, mask = make_tiny_study(0, has_tumor=True)
+    organs = _organs().astype(np.float32)
+    organs[3, 4, 5] = bad
+    d = write_autopet_study(tmp_path / "P1" / "s1", ct, pet, mask)
+    nib.save(nib.Nifti1Image(organs, TINY_AFFINE), d / "ORGANS.nii.gz")
+    with pytest.raises(DataError, match=rf"ORGANS.nii.gz: the organ labels of study P1 are not integers "
+                                        rf"in 0..255 \(1 voxel\(s\), e.g. \[{shown}\]\); save integer labels"):
+        load_study(d)
+
+
+def test_nnunet_organs_tr_and_ts(tmp_path):
+    root = _write_nnunet(tmp_path / "ds", {"c01": 0, "c02": 1})
+    (root / "imagesTs").mkdir()
+    for f in (root / "imagesTr").glob("c02_*"):
+        f.rename(root / "imagesTs" / f.name)  # c02 becomes an unlabelled test case
+    (root / "organsTr").mkdir()
+    (root / "organsTs").mkdir()
+    nib.save(nib.Nifti1Image(_organs(seed=1), TINY_AFFINE), root / "organsTr" / "c01.nii.gz")
+    nib.save(nib.Nifti1Image(_organs(seed=2), TINY_AFFINE), root / "organsTs" / "c02.nii.gz")
+    refs = {r.case_id: r for r in find_studies(root, require_mask=False)}
+    assert refs["c01"].paths["organs"].endswith("organsTr/c01.nii.gz") and "mask" in refs["c01"].paths
+    assert refs["c02"].paths["organs"].endswith("organsTs/c02.nii.gz") and "mask" not in refs["c02"].paths
+    assert np.array_equal(load_study(refs["c01"]).organs, _organs(seed=1))
+    assert np.array_equal(load_study(refs["c02"]).organs, _organs(seed=2))
+
+
+def test_png_roundtrip_with_organs(tiny_autopet_dir, tmp_path):
+    study = load_study(find_studies(tiny_autopet_dir)[0])
+    study.organs = _organs()
+    case_dir = write_png_study(study, tmp_path / "png" / "PETCT_p01")
+    assert len(list((case_dir / "organs").glob("*.png"))) == TINY_SHAPE[2]
+    (ref,) = find_studies(tmp_path / "png")
+    assert ref.paths["organs"] == str(case_dir / "organs")
+    back = load_study(ref)
+    assert back.organs.dtype == np.uint8 and np.array_equal(back.organs, study.organs)
+    assert np.array_equal(back.mask, study.mask)

@@ -153,3 +153,23 @@ def test_dicom_study_without_pet_and_missing_weight_reported_together(tmp_path):
     assert len(bad) == 2
     assert "has no PET (Modality PT) series" in bad[0][1]
     assert "PatientWeight" in bad[1][1] and "IM0000.dcm" in bad[1][1]
+
+
+def test_dicom_study_with_organ_labels(tmp_path):
+    """An ORGANS NIfTI beside the series is read on the PET grid; a name with "organ" and "seg"
+    (TotalSegmentator output) is never taken for the tumour mask."""
+    suv = _suv_volume()
+    mask = (suv > 5).astype(np.uint8)
+    organs = np.random.default_rng(0).integers(0, 12, suv.shape).astype(np.uint8)
+    study_dir = tmp_path / "dicom" / "PAT001" / "study A"
+    _write_dicom_study(study_dir, "PAT001", suv, mask)
+    nib.save(nib.Nifti1Image(organs, PET_AFFINE), study_dir / "organs_totalseg.nii.gz")
+    (ref,) = find_studies(tmp_path / "dicom")
+    assert ref.paths["organs"] == str(study_dir / "organs_totalseg.nii.gz")
+    assert ref.paths["mask"] == str(study_dir / "SEG.nii.gz")
+    s = load_study(ref)
+    assert s.organs.dtype == np.uint8 and np.array_equal(s.organs, organs)
+    assert np.array_equal(s.mask, mask)
+    nib.save(nib.Nifti1Image(organs, PET_AFFINE), study_dir / "ORGANS.nii.gz")
+    with pytest.raises(DataError, match="several organ label files"):
+        find_studies(tmp_path / "dicom")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from data import _anatomy as A
-from data.phantom import SIZES, generate, has_tumor, main, make_study, names, render
+from data.organs import N_ORGAN_CLASSES, ORGAN_LABELS, ORGAN_TISSUES, organ_labels
+from data.phantom import PHANTOM_VERSION, SIZES, generate, has_tumor, main, make_study, names, render
 from data.study import DataError
 
 
@@ -165,3 +166,76 @@ def test_user_errors(tmp_path, capsys):
     assert main([f"--out_dir={tmp_path / 'y'}", "--n_cases=2", "--size=unit", "--workers=1",
                  "--layout=nnunet"]) == 0
     assert len(list((tmp_path / "y" / "labelsTr").glob("*.nii.gz"))) == 2
+
+
+# ----------------------------------------------------------------------------- organ labels
+
+# sha256 (first 16 hex digits) of CT, PET, SEG of `unit` studies (seed 0), computed on main at
+# f3e6471, before the organ labels were added: adding ORGANS must not change a single voxel.
+UNIT_HASHES = {
+    0: ("78328b4698e14152", "39d0c24e808e6aae", "fa43239bcee7b97c"),
+    1: ("b6db3d2225d2ab11", "2076a4cdc9bb2c48", "b1ceaa4fa5472a1d"),
+    2: ("4d1a86381c115e65", "33266b97c1d8bdfe", "8755f73dfca70b66"),
+    9: ("4d55bfb070194f75", "971a596e0a2caa64", "fa43239bcee7b97c"),
+}
+
+
+@pytest.mark.parametrize("index", sorted(UNIT_HASHES))
+def test_ct_pet_seg_unchanged_by_organ_labels(index):
+    r = render(index, "unit", seed=0)
+    assert tuple(_hash(a)[:16] for a in (r.ct, r.pet, r.seg)) == UNIT_HASHES[index]
+
+
+def test_organ_label_map_covers_the_tissues():
+    assert N_ORGAN_CLASSES == len(ORGAN_LABELS) == max(ORGAN_LABELS) + 1 and ORGAN_LABELS[0] == "background"
+    tissues = [t for ts in ORGAN_TISSUES.values() for t in ts]
+    assert len(tissues) == len(set(tissues))  # every tissue in at most one organ
+    assert set(range(A.LESION + 1)) - set(tissues) == {A.AIR, A.FAT, A.VISCERAL_FAT, A.CANAL, A.LESION}
+    tissue = np.arange(A.LESION + 1, dtype=np.uint8)
+    organs = organ_labels(tissue)
+    assert organs[A.KIDNEY] == 3 and organs[A.BOLUS] == organs[A.URETER] == 5
+    assert organs[A.MYOCARDIUM] == organs[A.BLOOD] == 2 and organs[A.LESION] == 0
+
+
+def test_organ_labels_of_rendered_studies():
+    for i in (1, 2, 4):
+        r = render(i, "unit", seed=0)
+        organs = r.organs
+        assert organs.dtype == np.uint8 and organs.shape == r.seg.shape
+        assert np.array_equal(organs, organ_labels(r.tissue))
+        assert not (organs[r.seg > 0]).any()  # lesions are background: ORGANS and SEG disjoint
+        present = set(np.unique(organs).tolist())
+        assert present <= set(ORGAN_LABELS) and {1, 2, 3, 6, 7, 10, 11} <= present  # brain .. bone
+
+
+def test_generate_writes_organs_in_both_layouts(tmp_path):
+    metas = generate(tmp_path, 2, size="unit", seed=0, layouts=("autopet", "nnunet"), start_index=1,
+                     progress=False)
+    doc = json.loads((tmp_path / "phantom_metadata.json").read_text())
+    assert doc["phantom_version"] == PHANTOM_VERSION == 2
+    assert all(c["phantom_version"] == PHANTOM_VERSION for c in doc["cases"])
+    for m in metas:
+        r = render(m["index"], "unit", seed=0)
+        d = tmp_path / m["patient_id"] / m["study_folder"]
+        for path in (d / "ORGANS.nii.gz", tmp_path / "organsTr" / f"{m['case_id']}.nii.gz"):
+            img = nib.load(path)
+            data = np.asarray(img.dataobj)
+            assert data.dtype == np.uint8 and np.array_equal(data, r.organs)
+            np.testing.assert_allclose(img.affine, nib.load(d / "SEG.nii.gz").affine)
+        seg_nn = np.asarray(nib.load(tmp_path / "labelsTr" / f"{m['case_id']}.nii.gz").dataobj)
+        assert np.array_equal(seg_nn, r.seg)  # labelsTr and organsTr share a file name, not content
+
+
+def test_study_without_organs_or_older_version_is_rewritten(tmp_path):
+    metas = generate(tmp_path, 2, size="unit", seed=0, progress=False)
+    dirs = [tmp_path / m["patient_id"] / m["study_folder"] for m in metas]
+    os.remove(dirs[0] / "ORGANS.nii.gz")  # a folder written before the organ labels
+    doc_path = tmp_path / "phantom_metadata.json"
+    doc = json.loads(doc_path.read_text())
+    doc["cases"][1]["phantom_version"] = 1
+    doc_path.write_text(json.dumps(doc))
+    (dirs[1] / "marker").write_text("the study folder is replaced as a whole when rewritten")
+    again = generate(tmp_path, 2, size="unit", seed=0, progress=False)
+    assert (dirs[0] / "ORGANS.nii.gz").is_file()
+    assert not (dirs[1] / "marker").exists()  # older version: rewritten
+    assert [m["phantom_version"] for m in again] == [PHANTOM_VERSION] * 2
