@@ -62,6 +62,15 @@ class Config:
     n_folds: int = 0  # >1: k-fold cross-validation, `fold` selects the test fold
     fold: int = 0
     context_slices: int = 0  # 2.5-D: neighbouring slices on each side as extra channels
+    # Anatomy-aware training (docs/training.md "Auxiliary targets"): a second head on the shared
+    # decoder learns organs (labels from ORGANS.nii.gz; the phantom writes them) or the
+    # physiological uptake (SUV > uptake_suv outside the tumour, derived on the fly, any data).
+    # Used only in training: at inference the model returns the lesion channel alone.
+    aux_target: str = "none"  # none | organs | uptake
+    w_aux: float = 1.0  # total = lesion loss + w_aux * (CE + Dice of the auxiliary head)
+    n_organ_classes: int = 16  # organ labels 0..n-1 (the phantom's map: data/organs.py)
+    uptake_suv: float = 3.0  # aux_target=uptake: SUV threshold of the uptake class
+    p_misalign: float = 0.0  # PET/CT misalignment augmentation: CT shifted <= 4 mm, rotated <= 5 deg
     fg_fraction: float = 0.33  # share of training slices that contain tumour (nnU-Net: 1/3)
     augment: bool = True
     num_workers: int = 0  # DataLoader workers
@@ -212,6 +221,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"--ct_window={cfg.ct_window}: give (low, high) in HU with low < high")
     if not 0.0 <= cfg.fg_fraction <= 1.0:
         raise ConfigError(f"--fg_fraction={cfg.fg_fraction} must be within [0, 1]")
+    if cfg.aux_target not in ("none", "organs", "uptake"):
+        raise ConfigError(f"--aux_target={cfg.aux_target!r}: choose none, organs or uptake")
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"--optimizer={cfg.optimizer!r}: choose adamw or sgd")
     if cfg.schedule not in ("cosine", "poly", "constant"):

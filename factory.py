@@ -20,7 +20,7 @@ import torch.nn as nn
 import config
 import data
 import models
-from loss import CombinedLoss
+from loss import AuxSegLoss, CombinedLoss, WithAuxiliary
 
 
 def model_options(cfg: config.Config) -> dict:
@@ -30,25 +30,36 @@ def model_options(cfg: config.Config) -> dict:
     return {}
 
 
+def aux_classes(cfg: config.Config) -> int:
+    """Classes of the auxiliary head: 0 (none), the organ labels, or 2 (uptake / not)."""
+    return {"none": 0, "organs": cfg.n_organ_classes, "uptake": 2}[cfg.aux_target]
+
+
 def build_model(cfg: config.Config, pretrained: Optional[str] = None) -> nn.Module:
-    """The run's model (lesion logits, 1 channel); `pretrained` a local weight file or None."""
+    """The run's model: lesion logits (B, 1, S, S) in eval mode; in train mode with an auxiliary
+    target (B, 1 + K, S, S). `pretrained`: a local weight file or None."""
     return models.build_model(cfg.model, in_channels=cfg.in_channels, num_classes=1,
-                              img_size=cfg.img_size, pretrained=pretrained, **model_options(cfg))
+                              img_size=cfg.img_size, pretrained=pretrained,
+                              aux_classes=aux_classes(cfg), **model_options(cfg))
 
 
-def build_loss(cfg: config.Config) -> CombinedLoss:
-    return CombinedLoss(w_bce=cfg.w_bce, w_tversky=cfg.w_tversky, w_dice=cfg.w_dice,
-                        alpha=cfg.tversky_fp_weight, beta=cfg.tversky_fn_weight,
-                        gamma=cfg.tversky_gamma, weighting=cfg.tversky_weighting,
-                        dice_log=cfg.dice_log, pos_weight=cfg.bce_pos_weight,
-                        reduction=cfg.loss_reduction)
+def build_loss(cfg: config.Config) -> nn.Module:
+    lesion = CombinedLoss(w_bce=cfg.w_bce, w_tversky=cfg.w_tversky, w_dice=cfg.w_dice,
+                          alpha=cfg.tversky_fp_weight, beta=cfg.tversky_fn_weight,
+                          gamma=cfg.tversky_gamma, weighting=cfg.tversky_weighting,
+                          dice_log=cfg.dice_log, pos_weight=cfg.bce_pos_weight,
+                          reduction=cfg.loss_reduction)
+    if cfg.aux_target == "none":
+        return lesion
+    return WithAuxiliary(lesion, AuxSegLoss(aux_classes(cfg)), w_aux=cfg.w_aux)
 
 
 def build_train_set(cfg: config.Config, studies: list) -> "data.PetCtSliceDataset":
     return data.PetCtSliceDataset(
         studies, img_size=cfg.img_size, fg_fraction=cfg.fg_fraction, augment=cfg.augment,
         context_slices=cfg.context_slices, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
-        seed=cfg.seed)
+        seed=cfg.seed, aux_target=cfg.aux_target, aux_classes=aux_classes(cfg) or None,
+        uptake_suv=cfg.uptake_suv, suv_max=cfg.suv_max, p_misalign=cfg.p_misalign)
 
 
 def _data_kwargs(cfg: config.Config) -> dict:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-LOSS_PARTS = ("bce", "tversky", "dice")  # logged beside "total" when loss_fn.parts() gives them
+# logged beside "total" when loss_fn.parts() gives them ("aux": the auxiliary head's CE + Dice)
+LOSS_PARTS = ("bce", "tversky", "dice", "aux")
 
 
 def _jsonable(record: dict) -> dict:

@@ -193,16 +193,22 @@ class Loop:
     validation: dict = field(default_factory=dict)  # predict_volume options
 
 
-def loss_parts(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"total", and "bce"/"tversky"/"dice" when the loss offers `.parts()`} (float32)."""
+def loss_parts(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor,
+               aux: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"total", and the LOSS_PARTS the loss offers through `.parts()`} (float32). `aux`: the
+    auxiliary target (B, S, S) int64, passed on only when the batch carries one."""
+    extra = () if aux is None else (aux,)
     if hasattr(loss_fn, "parts"):
-        parts = loss_fn.parts(logits, target)
+        parts = loss_fn.parts(logits, target, *extra)
         return {"total": parts["total"], **{k: parts[k] for k in LOSS_PARTS if k in parts}}
-    return {"total": loss_fn(logits, target)}
+    return {"total": loss_fn(logits, target, *extra)}
 
 
-def train_step(loop: Loop, image: torch.Tensor, mask: torch.Tensor) -> dict[str, float] | None:
-    """One optimizer step on a batch: image (B, C, S, S), mask (B, 1, S, S).
+def train_step(loop: Loop, image: torch.Tensor, mask: torch.Tensor,
+               aux: torch.Tensor | None = None) -> dict[str, float] | None:
+    """One optimizer step on a batch: image (B, C, S, S), mask (B, 1, S, S), and the auxiliary
+    target aux (B, S, S) int64 when the training set has one (the model's train-mode output is
+    then (B, 1 + K, S, S)).
 
     Returns the loss parts, or None when the loss was not finite on some rank: then nothing is
     updated (no backward, no optimizer step) on any rank. One all-reduce per step under DDP
@@ -211,12 +217,14 @@ def train_step(loop: Loop, image: torch.Tensor, mask: torch.Tensor) -> dict[str,
     """
     image = image.to(loop.device, non_blocking=True)
     mask = mask.to(loop.device, non_blocking=True)
+    if aux is not None:
+        aux = aux.to(loop.device, non_blocking=True)
     if loop.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     with torch.autocast(loop.device.type, dtype=loop.amp_dtype or torch.float32,
                         enabled=loop.amp_dtype is not None):
-        logits = loop.model(image)  # (B, 1, S, S)
-    parts = loss_parts(loop.loss_fn, logits.float(), mask)  # the loss in float32
+        logits = loop.model(image)  # (B, 1, S, S), or (B, 1 + K, S, S) with an auxiliary head
+    parts = loss_parts(loop.loss_fn, logits.float(), mask, aux)  # the loss in float32
     total = parts["total"]
     values = torch.stack([p.detach().float() for p in parts.values()])
     flags = torch.stack([(~torch.isfinite(total.detach())).float(),
@@ -319,8 +327,7 @@ def run_epoch(loop: Loop, mode: str, *, batches: Iterable | None = None,
                disable=not runtime.is_main_process())
     for unit in units:
         if training:
-            image, mask = unit  # (B, C, S, S), (B, 1, S, S)
-            parts = train_step(loop, image, mask)
+            parts = train_step(loop, *unit)  # image (B, C, S, S), mask (B, 1, S, S)[, aux]
             for key, value in (parts or {}).items():
                 sums[key] = sums.get(key, 0.0) + value
             sums["n"] = sums.get("n", 0) + (parts is not None)
