@@ -41,12 +41,53 @@ def _union_bbox(pred: np.ndarray, ref: np.ndarray, margin: int = 1) -> tuple[sli
     return tuple(box)
 
 
+# A reference lesion counts as detected, and a predicted component as a true positive, when the
+# two overlap with a Dice of at least this (docs/evaluation.md, "Lesion detection").
+LESION_MATCH_DICE = 0.1
+
+
 def _component_overlap(mask: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """18-connected components of `mask`: (voxel count per component, touches `other` per component)."""
     labels, n = ndimage.label(mask, structure=CONNECTIVITY_18)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     touched = np.bincount(labels[other].ravel(), minlength=n + 1)[1:] > 0
     return sizes, touched
+
+
+def match_lesions(pred: np.ndarray, ref: np.ndarray,
+                  min_dice: float = LESION_MATCH_DICE) -> dict[str, np.ndarray]:
+    """Lesion-wise matching of the 18-connected components of two binary (X, Y, Z) masks.
+
+    For reference lesion i and predicted component j, Dice_ij = 2 |R_i & P_j| / (|R_i| + |P_j|).
+    Reference lesion i is detected when max_j Dice_ij >= min_dice; predicted component j is a
+    true positive when max_i Dice_ij >= min_dice, else a false-positive component. Any contact
+    is not enough: one component flooding the body touches every lesion but has a Dice of
+    ~0 with each, so it detects nothing and counts as one false positive.
+    Returns {"ref_sizes", "pred_sizes" (voxels per component, label order of
+    scipy.ndimage.label), "ref_detected", "pred_matched" (bool per component), "ref_touched",
+    "pred_touched" (any contact, the autoPET FNV / FPV rule), "dice" (n_ref, n_pred)}.
+    """
+    ref_labels, n_ref = ndimage.label(ref, structure=CONNECTIVITY_18)
+    pred_labels, n_pred = ndimage.label(pred, structure=CONNECTIVITY_18)
+    ref_sizes = np.bincount(ref_labels.ravel(), minlength=n_ref + 1)[1:]
+    pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]
+    both = (ref_labels > 0) & (pred_labels > 0)
+    pairs = ref_labels[both].astype(np.int64) * (n_pred + 1) + pred_labels[both]
+    overlap = np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)
+    overlap = overlap[1:, 1:]  # (n_ref, n_pred) voxels in common
+    denominator = ref_sizes[:, None] + pred_sizes[None, :]
+    dice = np.where(denominator > 0, 2.0 * overlap / np.maximum(denominator, 1), 0.0)
+    return {"ref_sizes": ref_sizes, "pred_sizes": pred_sizes,
+            "ref_detected": (dice >= min_dice).any(axis=1) if n_pred else np.zeros(n_ref, bool),
+            "pred_matched": (dice >= min_dice).any(axis=0) if n_ref else np.zeros(n_pred, bool),
+            "ref_touched": overlap.sum(axis=1) > 0, "pred_touched": overlap.sum(axis=0) > 0,
+            "dice": dice}
+
+
+def distance_penalty_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """HD95 / ASSD given to a tumour study with an empty prediction: the diagonal of the image
+    volume in mm, the largest distance two voxels of the study can have."""
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
@@ -61,16 +102,20 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
     Surface distances (MedPy `hd95`, `assd`, connectivity 1, in mm): 95th percentile of the
     symmetric surface distances, and the average symmetric surface distance (bit-identical to
     MedPy's functions on the full volume, computed once for both, see `_hd95_assd`).
-    autoPET (official III/IV evaluation, 18-connected components):
+    autoPET (official III/IV evaluation, 18-connected components, any contact counts):
         fpv_ml = v * voxels of predicted components that touch no ground-truth voxel
         fnv_ml = v * voxels of ground-truth components that no predicted voxel touches
-    Lesion-wise: n_lesions (ground-truth components), n_lesions_detected (those touched by the
-    prediction), n_fp_components (predicted components touching no ground truth).
+    Lesion-wise (`match_lesions`: a match needs Dice >= LESION_MATCH_DICE, contact is not
+    enough): n_lesions (ground-truth components), n_lesions_detected (those matched by a
+    predicted component), n_pred_components, n_fp_components (predicted components that match
+    no lesion).
 
     Empty-case policy (autoPET III/IV convention; never raises, MedPy never sees an empty mask):
-        ref empty  -> dice, iou, fnv_ml, sensitivity = NaN (a tumour-free study is judged by fpv_ml)
-        pred empty -> fpv_ml = 0, precision = NaN
-        either empty -> hd95_mm, assd_mm = NaN
+        ref empty  -> dice, iou, fnv_ml, sensitivity = NaN (a tumour-free study is judged by
+                      fpv_ml), hd95_mm = assd_mm = NaN
+        pred empty -> fpv_ml = 0, precision = NaN; for a tumour study hd95_mm = assd_mm =
+                      distance_penalty_mm (the volume's diagonal) and distance_penalty = True,
+                      so a mean distance always covers every tumour study of a cohort
     So ref empty & pred empty gives fpv_ml = 0 and NaN for everything else but the counts.
 
     All metrics are computed on the crop to the union bounding box of both masks (+1 voxel):
@@ -88,23 +133,27 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
     row: dict[str, Any] = dict(
         has_tumor=n_ref > 0, dice=nan, iou=nan, hd95_mm=nan, assd_mm=nan, sensitivity=nan,
         precision=nan, fpv_ml=0.0, fnv_ml=nan, n_lesions=0, n_lesions_detected=0,
-        n_fp_components=0, pred_volume_ml=n_pred * voxel_ml, ref_volume_ml=n_ref * voxel_ml)
+        n_fp_components=0, n_pred_components=0, distance_penalty=False,
+        pred_volume_ml=n_pred * voxel_ml, ref_volume_ml=n_ref * voxel_ml)
     if n_pred == 0 and n_ref == 0:
         return row
+    if n_pred == 0:  # a tumour study with nothing predicted: the stated distance penalty
+        row["hd95_mm"] = row["assd_mm"] = distance_penalty_mm(pred.shape, spacing)
+        row["distance_penalty"] = True
     box = _union_bbox(pred, ref)
     p, r = pred[box], ref[box]
 
-    pred_sizes, pred_hits = _component_overlap(p, r)
-    ref_sizes, ref_hits = _component_overlap(r, p)
-    row["fpv_ml"] = float(pred_sizes[~pred_hits].sum()) * voxel_ml
-    row["n_fp_components"] = int((~pred_hits).sum())
+    match = match_lesions(p, r)
+    row["fpv_ml"] = float(match["pred_sizes"][~match["pred_touched"]].sum()) * voxel_ml
+    row["n_pred_components"] = int(match["pred_sizes"].size)
+    row["n_fp_components"] = int((~match["pred_matched"]).sum())
     if n_ref > 0:
         row["dice"] = float(mp.dc(p, r))
         row["iou"] = float(mp.jc(p, r))
         row["sensitivity"] = float(mp.recall(p, r))
-        row["fnv_ml"] = float(ref_sizes[~ref_hits].sum()) * voxel_ml
-        row["n_lesions"] = int(ref_sizes.size)
-        row["n_lesions_detected"] = int(ref_hits.sum())
+        row["fnv_ml"] = float(match["ref_sizes"][~match["ref_touched"]].sum()) * voxel_ml
+        row["n_lesions"] = int(match["ref_sizes"].size)
+        row["n_lesions_detected"] = int(match["ref_detected"].sum())
     if n_pred > 0:
         row["precision"] = float(mp.precision(p, r))
     if n_pred > 0 and n_ref > 0:
@@ -156,8 +205,9 @@ def summarise_cohort(rows: Sequence[dict], n_bootstrap: int = 1000, seed: int = 
     Means skip NaN, so (autoPET III/IV): mean Dice / IoU / FNV / sensitivity are over studies
     with tumour, mean FPV is reported over tumour-free studies (`fpv_ml_tumor_free`, the
     false alarms a healthy patient gets) and over all studies (`fpv_ml`), HD95 / ASSD over
-    studies where both masks are non-empty; `n` beside every mean says how many studies it
-    covers. Lesion detection pools counts over all studies:
+    every tumour study (an empty prediction there carries the penalty of `case_metrics`;
+    `n_distance_penalty` counts them); `n` beside every mean says how many studies it covers.
+    Lesion detection (match rule of `match_lesions`) pools counts over all studies:
         TP = sum n_lesions_detected, FN = sum n_lesions - TP, FP = sum n_fp_components
         recall = TP / (TP + FN), precision = TP / (TP + FP), F1 = 2 TP / (2 TP + FP + FN)
     `ci95`: percentile bootstrap (n_bootstrap resamples of the studies a mean covers, seeded)
@@ -171,8 +221,8 @@ def summarise_cohort(rows: Sequence[dict], n_bootstrap: int = 1000, seed: int = 
         "dice": ("dice", tumour), "iou": ("iou", tumour), "sensitivity": ("sensitivity", tumour),
         "precision": ("precision", lambda row: True), "fnv_ml": ("fnv_ml", tumour),
         "fpv_ml": ("fpv_ml", lambda row: True), "fpv_ml_tumor_free": ("fpv_ml", free),
-        "fpv_ml_tumor": ("fpv_ml", tumour), "hd95_mm": ("hd95_mm", lambda row: True),
-        "assd_mm": ("assd_mm", lambda row: True)}
+        "fpv_ml_tumor": ("fpv_ml", tumour), "hd95_mm": ("hd95_mm", tumour),
+        "assd_mm": ("assd_mm", tumour)}
     means: dict[str, dict[str, Any]] = {}
     for name, (column, where) in subsets.items():
         values = _mean(rows, column, where)
@@ -191,6 +241,7 @@ def summarise_cohort(rows: Sequence[dict], n_bootstrap: int = 1000, seed: int = 
         "n_tumor_free": sum(free(row) for row in rows),
         "n_tumor_free_with_fp": sum(free(row) and float(row["fpv_ml"]) > 0 for row in rows),
         "n_tumor_missed": sum(tumour(row) and int(row["n_lesions_detected"]) == 0 for row in rows),
+        "n_distance_penalty": sum(bool(row.get("distance_penalty", False)) for row in rows),
         "metrics": means,
         "lesions": {"n_lesions": tp + fn, "detected": tp, "false_positive_components": fp,
                     "recall": ratio(tp, tp + fn), "precision": ratio(tp, tp + fp),
@@ -213,13 +264,17 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{'metric':<26}{'mean':>10}{'n':>6}  95% CI"]
     rows = [("Dice (tumour studies)", "dice"), ("IoU (tumour studies)", "iou"),
             ("FPV ml (tumour-free)", "fpv_ml_tumor_free"), ("FPV ml (all)", "fpv_ml"),
-            ("FNV ml (tumour studies)", "fnv_ml"), ("HD95 mm", "hd95_mm"),
-            ("ASSD mm", "assd_mm"), ("sensitivity (voxels)", "sensitivity"),
+            ("FNV ml (tumour studies)", "fnv_ml"), ("HD95 mm (tumour studies)", "hd95_mm"),
+            ("ASSD mm (tumour studies)", "assd_mm"), ("sensitivity (voxels)", "sensitivity"),
             ("precision (voxels)", "precision")]
     for label, key in rows:
         lines.append(f"{label:<26}{m[key]['mean']:>10.3f}{m[key]['n']:>6}  {ci(m[key])}")
+    if summary.get("n_distance_penalty"):
+        lines.append(f"  (HD95 / ASSD: {summary['n_distance_penalty']} tumour studies with an empty "
+                     "prediction carry the penalty of the volume's diagonal)")
     les = summary["lesions"]
-    lines.append(f"lesions: {les['detected']}/{les['n_lesions']} detected, "
+    lines.append(f"lesions: {les['detected']}/{les['n_lesions']} detected (Dice >= "
+                 f"{LESION_MATCH_DICE} with a predicted component), "
                  f"{les['false_positive_components']} false-positive components; recall "
                  f"{les['recall']:.3f}, precision {les['precision']:.3f}, F1 {les['f1']:.3f}")
     return "\n".join(lines)

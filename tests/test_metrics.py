@@ -46,11 +46,37 @@ def test_empty_prediction_reference_present():
     m = metrics.case_metrics(np.zeros(SHAPE), ref, (2.0, 2.0, 3.0))
     assert m["has_tumor"] is True
     assert m["dice"] == 0.0 and m["iou"] == 0.0 and m["sensitivity"] == 0.0
-    for key in ("hd95_mm", "assd_mm", "precision"):
-        assert math.isnan(m[key]), key
+    assert math.isnan(m["precision"])
+    # the stated distance penalty: the diagonal of the volume (24*2, 20*2, 18*3 mm)
+    diagonal = math.sqrt(48 ** 2 + 40 ** 2 + 54 ** 2)
+    assert m["hd95_mm"] == m["assd_mm"] == pytest.approx(diagonal) and m["distance_penalty"]
     assert m["fpv_ml"] == 0.0
     assert m["fnv_ml"] == pytest.approx(27 * 12 / 1000)
     assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (1, 0, 0)
+
+
+def test_flooding_the_body_detects_no_lesion():
+    """One predicted component covering everything touches every lesion (so autoPET's FNV is 0)
+    but overlaps each with a Dice far below 0.1: no lesion is detected, one false positive."""
+    ref = cube(SHAPE, (2, 2, 2), 2) + cube(SHAPE, (12, 12, 10), 2)
+    m = metrics.case_metrics(np.ones(SHAPE), ref, (1.0, 1.0, 1.0))
+    assert m["fnv_ml"] == 0.0 and m["fpv_ml"] == 0.0  # the official zero-overlap rule
+    assert (m["n_lesions"], m["n_lesions_detected"], m["n_fp_components"]) == (2, 0, 1)
+    assert m["n_pred_components"] == 1
+
+
+def test_lesion_match_needs_a_dice_of_one_tenth():
+    ref = cube(SHAPE, (4, 4, 4), 3)  # 27 voxels
+    # a 3x3x3 prediction shifted by 2 voxels: overlap 9, Dice 18 / 54 = 0.33 -> detected
+    m = metrics.case_metrics(cube(SHAPE, (6, 4, 4), 3), ref, (1.0, 1.0, 1.0))
+    assert (m["n_lesions_detected"], m["n_fp_components"]) == (1, 0)
+    # one voxel of contact from a 6x6x6 block: Dice 2 / (27 + 216) = 0.008 -> missed, and the
+    # block is a false positive, although autoPET's any-contact FPV / FNV count it as a hit
+    pred = cube(SHAPE, (6, 6, 6), 6)
+    m = metrics.case_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert (pred & ref).sum() == 1
+    assert (m["n_lesions_detected"], m["n_fp_components"], m["fnv_ml"], m["fpv_ml"]) == (0, 1, 0, 0)
+    assert metrics.match_lesions(pred != 0, ref != 0)["dice"][0, 0] == pytest.approx(2 / 243)
 
 
 def test_both_present_matches_medpy():
@@ -188,9 +214,10 @@ def test_summary_means_cover_the_right_studies():
     assert s["metrics"]["fpv_ml_tumor_free"]["mean"] == pytest.approx(
         np.mean([r["fpv_ml"] for r in free]))
     assert s["metrics"]["fpv_ml"]["n"] == 12
-    hd = [r["hd95_mm"] for r in rows if not math.isnan(r["hd95_mm"])]
-    assert s["metrics"]["hd95_mm"]["n"] == len(hd) and s["metrics"]["hd95_mm"]["mean"] == \
-        pytest.approx(np.mean(hd))
+    # distances cover every tumour study (penalty where the prediction is empty), nothing else
+    assert s["metrics"]["hd95_mm"]["n"] == 6 and s["metrics"]["hd95_mm"]["mean"] == \
+        pytest.approx(np.mean([r["hd95_mm"] for r in tumour]))
+    assert s["n_distance_penalty"] == sum(r["distance_penalty"] for r in tumour) > 0
     tp = sum(r["n_lesions_detected"] for r in rows)
     fn = sum(r["n_lesions"] for r in rows) - tp
     fp = sum(r["n_fp_components"] for r in rows)
