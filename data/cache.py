@@ -4,12 +4,17 @@
     image = cache[0].image()        # (Z, 2, X, Y) float16 memory map, nothing read yet
     slice_z = np.asarray(image[40]) # (2, X, Y): one contiguous read
 
-Layout: `cache_dir/<key>/<case_id>/{image.npy, mask.npy, meta.json}` (+ `organs.npy`, uint8
-(Z, X, Y), when the study has organ labels) where `<key>` is a short
-hash of the preprocessing parameters and FORMAT_VERSION, so changing `ct_window` or `suv_max`
-writes a new cache beside the old one. Each study's meta.json records a fingerprint of its
-source (paths + sizes + mtimes for a StudyRef, an array hash for an in-memory Study); a study
-whose source changed is rebuilt, an unchanged one is skipped without being read.
+Layout: `cache_dir/<key>/<case_id>-<source>/{image.npy, mask.npy, meta.json}` (+ `organs.npy`,
+uint8 (Z, X, Y), when the study has organ labels). `<key>` is a short hash of the preprocessing
+parameters and FORMAT_VERSION, so changing `ct_window` or `suv_max` writes a new cache beside
+the old one. `<source>` is a short hash of the study's source fingerprint (absolute paths,
+sizes and modification times of its files for a StudyRef; an array hash for an in-memory
+Study), so two sources never share a folder, even with the same case id (the phantoms of two
+sizes, another data folder, a folder of new studies to predict), and a source that changed
+gets a new folder while the old copy stays for the runs that used it. An unchanged source is
+found without being read. Each study's meta.json records its fingerprint and `content_hash`,
+a hash of the bytes of its cached arrays: a run records the hashes of its studies, and
+evaluation refuses a study whose cached bytes differ from the ones the run saw.
 
 Intensities (both channels in [-1, 1], stored as float16: ~3 significant digits, i.e. ~1 HU
 over a 2000 HU window and ~0.01 SUV at suv_max = 20, far below CT and PET noise):
@@ -72,6 +77,7 @@ class CachedStudy:
     has_organs: bool = False
     max_organ_label: int = 0
     suv_max: float | None = None
+    content_hash: str | None = None  # blake2b of the cached arrays' bytes (None: older caches)
 
     def image(self) -> np.ndarray:
         """Read-only memory map, float16 (Z, 2, X, Y): channel 0 CT, channel 1 SUV, in [-1, 1]."""
@@ -108,7 +114,8 @@ def load_cached(directory: str | os.PathLike) -> CachedStudy:
             has_tumor=meta["has_tumor"], has_mask=meta["has_mask"],
             fg_slices=list(meta["fg_slices"]), directory=str(directory),
             has_organs=bool(meta.get("has_organs", False)),
-            max_organ_label=int(meta.get("max_organ_label", 0)), suv_max=meta.get("suv_max"))
+            max_organ_label=int(meta.get("max_organ_label", 0)), suv_max=meta.get("suv_max"),
+            content_hash=meta.get("content_hash"))
     except FileNotFoundError:
         raise DataError(f"no cached study at {directory} (missing meta.json); run "
                         f"prepare_cache again or point to the right cache_dir") from None
@@ -121,11 +128,14 @@ def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLik
                   ct_window: tuple[float, float] = (-1000.0, 1000.0), suv_max: float = 20.0,
                   resample: bool = False, progress: bool = True) -> list[CachedStudy]:
     """Preprocess each study (a StudyRef, loaded with data.io.load_study, or a Study) into
-    `cache_dir/<key>/<case_id>/` unless an up-to-date copy is there; return them in order.
+    `cache_dir/<key>/<case_id>-<source>/` unless an up-to-date copy is there; return them in
+    order.
 
     `items` may be a lazy iterator: only one study is held in memory at a time.
     resample: passed to load_study for refs (CT / mask onto the PET grid when grids differ);
-    it is part of each ref's fingerprint, so toggling it rebuilds those studies.
+    it is part of each ref's fingerprint, so toggling it gives those studies new folders.
+    Every study is tried: the studies that cannot be read or preprocessed are reported together
+    in one DataError at the end (the good ones stay cached), not one at a time.
     """
     lo, hi = (float(v) for v in ct_window)
     if not lo < hi:
@@ -138,13 +148,24 @@ def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLik
     (root / "params.json").write_text(json.dumps(params, indent=1))  # for humans only
 
     total = len(items) if hasattr(items, "__len__") else None
-    cached, seen = [], set()
+    cached, seen, bad, n_items = [], {}, [], 0
     for item in tqdm(items, total=total, desc="preprocess", unit="study", disable=not progress):
+        n_items += 1
         if item.case_id in seen:
-            raise DataError(f"two studies share case_id {item.case_id!r} ({_source(item)}); "
-                            f"case ids must be unique, rename one of the folders")
-        seen.add(item.case_id)
-        cached.append(_cache_one(item, root, (lo, hi), float(suv_max), resample))
+            bad.append((item.case_id, f"two studies share case_id {item.case_id!r} "
+                                      f"({seen[item.case_id]} and {_source(item)}); case ids "
+                                      f"must be unique, rename one of the folders"))
+            continue
+        seen[item.case_id] = _source(item)
+        try:
+            cached.append(_cache_one(item, root, (lo, hi), float(suv_max), resample))
+        except DataError as err:
+            bad.append((item.case_id, str(err)))
+    if bad:
+        lines = "\n".join(f"  {case}: {message}" for case, message in bad[:30])
+        more = f"\n  ... and {len(bad) - 30} more" if len(bad) > 30 else ""
+        raise DataError(f"{len(bad)} of {n_items} studies could not be prepared (the others "
+                        f"are cached):\n{lines}{more}\nfix or remove them and run again")
     return cached
 
 
@@ -158,8 +179,8 @@ def _cache_one(item: StudyRef | Study, root: Path, ct_window: tuple[float, float
     if not case_id or case_id.startswith(".") or "/" in case_id or os.sep in case_id:
         raise DataError(f"case_id {case_id!r} of {_source(item)} is not a safe folder name; "
                         f"use data.study.safe_id to build it")
-    final = root / case_id
     fingerprint = _fingerprint(item, resample)
+    final = root / f"{case_id}-{source_key(fingerprint)}"
     if _is_fresh(final, fingerprint):
         return load_cached(final)
 
@@ -181,12 +202,17 @@ def _cache_one(item: StudyRef | Study, root: Path, ct_window: tuple[float, float
     return load_cached(final)
 
 
+def source_key(fingerprint: dict) -> str:
+    """Short hash of a source fingerprint: the `<source>` part of a study's cache folder."""
+    return hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def _fingerprint(item: StudyRef | Study, resample: bool) -> dict:
     """What identifies the source: size + mtime of every file for a ref, a content hash for
     an in-memory Study (it has no files). Folders (DICOM, PNG) are walked file by file."""
     if isinstance(item, Study):
         digest = hashlib.blake2b(digest_size=16)
-        for name in ("ct", "pet", "mask"):
+        for name in ("ct", "pet", "mask", "organs"):
             arr = getattr(item, name)
             if arr is None:
                 digest.update(b"none")
@@ -208,7 +234,7 @@ def _fingerprint(item: StudyRef | Study, resample: bool) -> dict:
             except FileNotFoundError:
                 raise DataError(f"{p} ({role} of study {item.case_id}) does not exist; "
                                 f"re-run find_studies on the data folder") from None
-            files.append([role, str(p), st.st_size, st.st_mtime_ns])
+            files.append([role, str(p.absolute()), st.st_size, st.st_mtime_ns])
     return {"kind": "files", "files": files, "layout": item.layout, "resample": bool(resample),
             "series_uids": dict(item.series_uids)}
 
@@ -218,9 +244,10 @@ def _is_fresh(directory: Path, fingerprint: dict) -> bool:
         meta = json.loads((directory / "meta.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    files_there = (directory / "image.npy").is_file() and (directory / "mask.npy").is_file()
-    return files_there and meta.get("format") == FORMAT_VERSION and \
-        meta.get("fingerprint") == fingerprint
+    needed = ["image.npy", "mask.npy"] + (["organs.npy"] if meta.get("has_organs") else [])
+    return all((directory / name).is_file() for name in needed) and \
+        meta.get("format") == FORMAT_VERSION and meta.get("fingerprint") == fingerprint and \
+        bool(meta.get("content_hash"))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -271,6 +298,9 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
     nx, ny, nz = study.pet.shape
     lo, hi = ct_window
     fg = np.zeros(nz, bool)
+    digest = hashlib.blake2b(digest_size=16)  # of every byte written and the geometry
+    digest.update(json.dumps([list(study.pet.shape), [float(s) for s in study.spacing],
+                              np.asarray(study.affine, np.float64).round(6).tolist()]).encode())
     with open(out / "image.npy", "wb") as f_img, open(out / "mask.npy", "wb") as f_mask:
         _npy_header(f_img, (nz, 2, nx, ny), np.float16)
         _npy_header(f_mask, (nz, nx, ny), np.uint8)
@@ -285,6 +315,7 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
             block[:, 0] = (np.clip(ct, lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0
             block[:, 1] = np.clip(pet, 0.0, suv_max) * (2.0 / suv_max) - 1.0
             f_img.write(block.tobytes())
+            digest.update(block.tobytes())
             if study.mask is None:
                 mask = np.zeros((z1 - z0, nx, ny), np.uint8)
             else:
@@ -295,6 +326,7 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
                 mask = mask.astype(np.uint8)
             fg[z0:z1] = mask.any(axis=(1, 2))
             f_mask.write(mask.tobytes())
+            digest.update(mask.tobytes())
     fg_slices = np.flatnonzero(fg).tolist()
     max_organ_label = 0
     if study.organs is not None:  # organs.npy, uint8 (Z, X, Y), block by block like the mask
@@ -304,6 +336,7 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
                 organs = np.moveaxis(study.organs[:, :, z0:z0 + _BLOCK], 2, 0).astype(np.uint8)
                 max_organ_label = max(max_organ_label, int(organs.max(initial=0)))
                 f_organs.write(organs.tobytes())
+                digest.update(organs.tobytes())
     return {
         "format": FORMAT_VERSION, "case_id": study.case_id, "patient_id": study.patient_id,
         "source": str(study.source), "shape": [nx, ny, nz],
@@ -312,6 +345,7 @@ def _write_study(study: Study, out: Path, ct_window: tuple[float, float],
         "has_tumor": bool(fg_slices), "has_mask": study.mask is not None,
         "fg_slices": fg_slices, "ct_window": [lo, hi], "suv_max": suv_max,
         "has_organs": study.organs is not None, "max_organ_label": max_organ_label,
+        "content_hash": digest.hexdigest(),
     }
 
 

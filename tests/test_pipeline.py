@@ -3,6 +3,7 @@ import json
 import sys
 import types
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,8 +65,9 @@ def test_cache_skips_existing_and_writes_atomically(tmp_path, monkeypatch):
     study = make_study()
     (first,) = prepare_cache([study], tmp_path, progress=False)
     root = tmp_path / cache_key((-1000, 1000), 20)
-    stamp = (root / "P1_a" / "image.npy").stat().st_mtime_ns
-    assert first.directory == str(root / "P1_a")
+    folder = Path(first.directory)
+    stamp = (folder / "image.npy").stat().st_mtime_ns
+    assert folder.parent == root and folder.name.startswith("P1_a-")  # <case_id>-<source>
 
     import data.cache as cache_mod
     calls = []
@@ -73,7 +75,7 @@ def test_cache_skips_existing_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "_write_study", lambda *a: calls.append(1) or real_write(*a))
     (again,) = prepare_cache([study], tmp_path, progress=False)
     assert again == first and not calls
-    assert (root / "P1_a" / "image.npy").stat().st_mtime_ns == stamp
+    assert (folder / "image.npy").stat().st_mtime_ns == stamp
 
     # a failure half-way through writing leaves neither a half study nor a temporary folder
     def broken(study, out, *args):
@@ -82,7 +84,7 @@ def test_cache_skips_existing_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "_write_study", broken)
     with pytest.raises(RuntimeError, match="killed"):
         prepare_cache([make_study("P2_a", "P2")], tmp_path, progress=False)
-    assert sorted(p.name for p in root.iterdir()) == ["P1_a", "params.json"]
+    assert sorted(p.name for p in root.iterdir()) == [folder.name, "params.json"]
 
     # other parameters -> another key folder, the first one untouched
     monkeypatch.setattr(cache_mod, "_write_study", real_write)
@@ -92,14 +94,42 @@ def test_cache_skips_existing_and_writes_atomically(tmp_path, monkeypatch):
     assert np.isclose(float(other.image()[0, 1, 0, 0]), expected, atol=2e-3)
 
 
-def test_stale_in_memory_study_is_rebuilt(tmp_path):
+def test_changed_in_memory_study_gets_its_own_folder(tmp_path):
     study = make_study()
-    prepare_cache([study], tmp_path, progress=False)
+    (old,) = prepare_cache([study], tmp_path, progress=False)
+    old_bytes = (Path(old.directory) / "image.npy").read_bytes()
     study.pet = np.full_like(study.pet, 5.0)
     (cached,) = prepare_cache([study], tmp_path, progress=False)
     np.testing.assert_allclose(cached.image()[:, 1], 2 * 5.0 / 20 - 1, atol=1e-3)
-    root = tmp_path / cache_key((-1000, 1000), 20)
-    assert sorted(p.name for p in root.iterdir()) == ["P1_a", "params.json"]  # old copy removed
+    # another source: another folder; the copy an earlier run used is kept, byte for byte
+    assert cached.directory != old.directory and cached.content_hash != old.content_hash
+    assert (Path(old.directory) / "image.npy").read_bytes() == old_bytes
+
+
+def test_same_case_id_from_two_sources_never_shares_a_folder(tmp_path):
+    """The phantom's case ids depend on its seed, not its size: a `unit` and a `demo` phantom
+    (or a folder of new studies with generic names) reuse ids. Each source keeps its own copy."""
+    a, b = make_study("case_1"), make_study("case_1")
+    b.pet = b.pet + 1.0
+    (ca,) = prepare_cache([a], tmp_path, progress=False)
+    (cb,) = prepare_cache([b], tmp_path, progress=False)
+    assert ca.directory != cb.directory and ca.content_hash != cb.content_hash
+    assert load_cached(ca.directory) == ca  # untouched by the second source
+    np.testing.assert_allclose(ca.image()[:, 1], (2 * np.clip(a.pet, 0, 20) / 20 - 1)
+                               .transpose(2, 0, 1), atol=1e-3)
+
+
+def test_every_bad_study_is_reported_at_once(tmp_path):
+    bad_grid, bad_nan, good = make_study("P1_a"), make_study("P2_a", "P2"), make_study("P3_a", "P3")
+    bad_grid.ct = bad_grid.ct[:, :, :5]
+    bad_nan.pet[0, 0, 7] = np.nan
+    with pytest.raises(DataError) as err:
+        prepare_cache([bad_grid, good, bad_nan], tmp_path, progress=False)
+    message = str(err.value)
+    assert "2 of 3 studies" in message and "P1_a" in message and "P2_a" in message
+    assert "one grid" in message and "NaN" in message and "P3_a:" not in message
+    (cached,) = prepare_cache([good], tmp_path, progress=False)  # the good one was kept
+    assert cached.case_id == "P3_a"
 
 
 def test_refs_are_loaded_via_io_and_rebuilt_when_files_change(tmp_path, monkeypatch):
@@ -148,7 +178,8 @@ def test_cache_from_autopet_nifti_files(tmp_path):
     seg[0, 0, 6] = 1
     nib.save(nib.Nifti1Image(seg, study.affine), folder / "SEG.nii.gz")
     (rebuilt,) = prepare_cache(find_studies(tmp_path / "data"), tmp_path / "cache", progress=False)
-    assert rebuilt.fg_slices == [6] and rebuilt.directory == cached.directory
+    assert rebuilt.fg_slices == [6] and rebuilt.directory != cached.directory
+    assert load_cached(cached.directory).fg_slices == [2, 3]  # the earlier copy is kept
 
 
 def test_cache_errors(tmp_path):
