@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"config", "loss", "models", "data", "runtime", "inference", "training", "test", "main"}
+PROJECT = {"config", "loss", "models", "data", "runtime", "inference", "training", "test", "main",
+           "export"}
 
 # module -> project modules it must NOT pull in (directly or indirectly)
 FORBIDDEN = {
@@ -19,12 +20,14 @@ FORBIDDEN = {
     "inference": {"loss", "training", "test", "main", "config"},
     "training": {"test", "main"},
     "test": {"training", "main"},
+    "export": PROJECT - {"export"},
 }
 # third-party packages a module must not pull in
 FORBIDDEN_THIRD_PARTY = {
     "config": {"torch", "numpy"},
     "loss": {"segmentation_models_pytorch", "timm", "medpy", "nibabel", "scipy"},
     "data": {"segmentation_models_pytorch", "timm", "medpy"},
+    "export": {"onnx", "onnxruntime", "onnxscript"},  # imported only when exporting / checking
 }
 
 
