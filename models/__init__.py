@@ -13,10 +13,12 @@ from pathlib import Path
 import torch.nn as nn
 
 from .baselines import BASELINES, build_baseline
+from .norm import convert_sync_bn, sync_bn_default
 from .transunet import OPTIONS, SPECS, TransUNet, TransUNetSpec
 from .weights import WeightsError, load_pretrained
 
-__all__ = ["build_model", "list_models", "WeightsError", "TransUNet", "TransUNetSpec"]
+__all__ = ["build_model", "list_models", "WeightsError", "TransUNet", "TransUNetSpec",
+           "convert_sync_bn", "sync_bn_default"]
 
 
 def list_models() -> list[str]:

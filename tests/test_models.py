@@ -576,3 +576,32 @@ def test_torchvision_resnet34_file_loads_into_unet_resnet34_encoder(tmp_path):
     assert f"pretrained weights {other} do not fit model 'unet_resnet34'" in message
     assert "missing from the file: encoder.layer1.2.conv1.weight" in message
     assert "fix:" in message and "'resnet34'" in message and "resnet34-333f7ec4.pth" in message
+
+
+# ------------------------------------------------------------------------------ SyncBatchNorm
+
+@pytest.mark.parametrize("name", ["transunet_tiny", "unet_resnet18"])
+def test_convert_sync_bn_replaces_every_batchnorm_and_keeps_groupnorm(name):
+    from models import convert_sync_bn
+    model = _randomise(build_model(name, in_channels=2, img_size=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert n_bn > 0 and (n_gn > 0) == name.startswith("transunet")
+    model = convert_sync_bn(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == n_bn
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == n_gn
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_sync_bn_default_rule():
+    from models import sync_bn_default
+    assert sync_bn_default(3) and sync_bn_default(8) and sync_bn_default(15)
+    assert not sync_bn_default(16) and not sync_bn_default(24)
+    assert sync_bn_default(24, threshold=32)
+    with pytest.raises(ValueError, match="per_gpu_batch"):
+        sync_bn_default(0)
