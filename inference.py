@@ -90,3 +90,209 @@ def predict_volume(model: torch.nn.Module, study: Any, *, img_size: int, batch_s
     finally:
         model.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding-window inference: tiles of patch x patch on the slice's own grid (no resampling)
+
+PAD_VALUE = -1.0  # in the cache's [-1, 1] units: CT at the window's lower bound (air at the
+# default ct_window (-1000, 1000) HU) and SUV 0 (no uptake), i.e. what lies outside the body.
+# (nnU-Net pads with 0, the mean of its z-scored images; our 0 would be CT mid-window and SUV
+# suv_max / 2, a tumour-like uptake.)
+MIN_OVERLAP = 0.5
+
+
+def tile_step(patch: int, overlap: float) -> int:
+    """Step between tile starts: round(patch * (1 - overlap)), at least 1 pixel.
+
+    overlap: fraction of a tile shared with its neighbour, 0.5 <= overlap < 1 (0.5 is nnU-Net's
+    default, tile_step_size 0.5). Below 0.5 some pixels would be seen only near a tile's edge,
+    where the network has the least context; with >= 0.5 every pixel farther than patch / 4
+    from the image border lies in the central half of some tile.
+    """
+    if not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch={patch!r}: the sliding-window tile size must be a positive int "
+                         "(the model's training img_size, e.g. 224)")
+    if not MIN_OVERLAP <= overlap < 1:
+        raise ValueError(f"overlap={overlap}: sliding-window overlap must be in [{MIN_OVERLAP}, 1) "
+                         "(0.5 = nnU-Net's default; 0.75 is smoother and 4x slower); set e.g. "
+                         "overlap=0.5")
+    return max(1, round(patch * (1.0 - overlap)))
+
+
+def tile_starts(size: int, patch: int, step: int) -> list[int]:
+    """Tile start offsets along one axis of length `size` (already >= patch, or one tile at 0):
+    0, step, 2 step, ... while the tile ends inside, then one tile flush with the border
+    (start size - patch), so the last step may be shorter than `step`.
+
+    e.g. size 100, patch 32, step 16 -> [0, 16, 32, 48, 64, 68].
+    (nnU-Net instead spreads the tiles evenly, step <= patch * step_size; both cover every
+    pixel and keep at least the requested overlap between neighbours.)
+    """
+    if size <= patch:
+        return [0]
+    return [*range(0, size - patch, step), size - patch]
+
+
+def gaussian_importance_map(patch: int, sigma_scale: float = 1.0 / 8,
+                            device: torch.device | str | None = None) -> torch.Tensor:
+    """(patch, patch) float32 tile weights, highest at the centre (nnU-Net, Isensee et al. 2021,
+    Nature Methods 18:203, "Gaussian importance weighting" of sliding-window predictions).
+
+        w(i, j) = g(i) g(j) / max(g)^2,  g(i) = exp(-(i - c)^2 / (2 sigma^2)),
+        c = (patch - 1) / 2 (the tile's centre),  sigma = sigma_scale * patch (nnU-Net: 1/8)
+
+    so the maximum is 1 (the centre pixel for odd patch, the central 2 x 2 for even) and a
+    corner gets ~exp(-16) = 1.1e-7 at sigma_scale 1/8. Values that underflow to 0 in float32
+    (tiny sigma_scale) are replaced by the smallest non-zero value, as nnU-Net does, so every
+    pixel of a tile has a positive weight and the weighted mean is never 0 / 0.
+    Written here from that description: nnU-Net builds the map by filtering a unit impulse at
+    index patch // 2 with scipy's gaussian_filter; the analytic form above is centred exactly,
+    so a flipped tile gets the same weights.
+    """
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale={sigma_scale}: must be > 0 (nnU-Net uses 1/8)")
+    coords = torch.arange(patch, dtype=torch.float64) - (patch - 1) / 2.0
+    g = torch.exp(-coords ** 2 / (2.0 * (sigma_scale * patch) ** 2))  # (patch,)
+    w = (torch.outer(g, g) / g.max() ** 2).to(torch.float32)  # (patch, patch), max 1
+    if (w == 0).any():
+        w[w == 0] = w[w > 0].min()
+    return w.to(device) if device is not None else w
+
+
+def pad_to_patch(image: torch.Tensor, patch: int, value: float = PAD_VALUE
+                 ) -> tuple[torch.Tensor, tuple[slice, slice]]:
+    """Pad (N, C, X, Y) to at least patch x patch, split evenly before / after each axis (extra
+    pixel after), with `value` (PAD_VALUE: air / no uptake). Returns the padded tensor and the
+    (slice_x, slice_y) that crops it back to (X, Y)."""
+    size_x, size_y = image.shape[-2:]
+    pad_x, pad_y = max(0, patch - size_x), max(0, patch - size_y)
+    before_x, before_y = pad_x // 2, pad_y // 2
+    if pad_x or pad_y:  # the last axis first: (Y before, Y after, X before, X after)
+        pads = (before_y, pad_y - before_y, before_x, pad_x - before_x)
+        image = torch.nn.functional.pad(image, pads, value=value)
+    return image, (slice(before_x, before_x + size_x), slice(before_y, before_y + size_y))
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """torch.autocast on `device` with `amp_dtype`, or no autocast for None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """model.eval() inside the block, the previous train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, *, patch: int,
+                          overlap: float = 0.5, batch_size: int = 32, gaussian: bool = True,
+                          sigma_scale: float = 1.0 / 8,
+                          amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits of a 2-D model over whole images, tile by tile, at the images' own resolution.
+
+    image: (N, C, X, Y) on the model's device, any X, Y. Returns (N, K, X, Y) float32 logits.
+
+    Tiles are patch x patch, starting every step = round(patch (1 - overlap)) pixels along
+    each axis with the last one flush with the border (`tile_starts`); an image smaller than
+    the patch along an axis is first padded to it with PAD_VALUE = -1 (air and zero uptake in
+    the normalised cache), centred, and cropped back at the end. With w the tile weights
+    (`gaussian_importance_map`, or all ones for gaussian=False) and f_t the logits of tile t,
+
+        logits(p) = sum_t w(p - o_t) f_t(p - o_t) / sum_t w(p - o_t)   over tiles t covering p
+
+    (o_t: the tile's offset), a weighted mean of logits. Logits, not probabilities, are
+    averaged, as nnU-Net v2 does (it accumulates Gaussian-weighted network outputs and divides
+    by the summed Gaussian; nnU-Net v1 averaged softmax outputs): the function returns logits
+    so callers can threshold, calibrate or apply a sigmoid/softmax afterwards; for a model
+    whose output at a pixel does not depend on the tile's position both means are exact.
+    Flip test-time augmentation is left to the caller (predict_volume_sliding averages
+    probabilities, as predict_volume does).
+
+    batch_size: tiles per forward pass (tiles of several images are batched together).
+    amp_dtype: autocast dtype (e.g. torch.bfloat16) on the image's device, or None for none;
+        the logits are accumulated in float32 either way.
+    The model runs in eval mode under torch.inference_mode(); its previous mode is restored.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image of shape {tuple(image.shape)}: expected (N, C, X, Y)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    step = tile_step(patch, overlap)
+    x, crop = pad_to_patch(image.float(), patch)
+    n, _, size_x, size_y = x.shape
+    device = x.device
+    positions = [(a, b) for a in tile_starts(size_x, patch, step)
+                 for b in tile_starts(size_y, patch, step)]
+    weight = (gaussian_importance_map(patch, sigma_scale, device) if gaussian
+              else torch.ones((patch, patch), device=device))  # (P, P)
+    weight_sum = torch.zeros((size_x, size_y), device=device)  # (X', Y'), the same for every image
+    for a, b in positions:
+        weight_sum[a:a + patch, b:b + patch] += weight
+    jobs = [(i, a, b) for i in range(n) for a, b in positions]
+    logits_sum = None  # (N, K, X', Y'), allocated once K is known
+    with _eval_mode(model), torch.inference_mode():
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            tiles = torch.stack([x[i, :, a:a + patch, b:b + patch] for i, a, b in chunk])  # (B, C, P, P)
+            with _autocast(device, amp_dtype):
+                out = model(tiles)
+            out = out.float()  # (B, K, P, P)
+            if out.ndim != 4 or out.shape[0] != len(chunk) or out.shape[-2:] != (patch, patch):
+                raise ValueError(f"the model returned {tuple(out.shape)} for tiles {tuple(tiles.shape)}; "
+                                 "sliding-window inference needs logits (B, K, P, P) of the tile's size")
+            if logits_sum is None:
+                logits_sum = torch.zeros((n, out.shape[1], size_x, size_y), device=device)
+            for (i, a, b), tile_logits in zip(chunk, out):
+                logits_sum[i, :, a:a + patch, b:b + patch] += tile_logits * weight
+    return (logits_sum / weight_sum)[:, :, crop[0], crop[1]]
+
+
+def predict_volume_sliding(model: torch.nn.Module, study: Any, *, patch: int, overlap: float = 0.5,
+                           batch_size: int = 32, device: torch.device | str = "cpu",
+                           amp_dtype: torch.dtype | None = None, tta: bool = False,
+                           context_slices: int = 0, gaussian: bool = True,
+                           sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Tumour probabilities of one study, slice by slice, with sliding-window tiles.
+
+    Same input convention as `predict_volume`: study is a `data.CachedStudy` (`.image()` float16
+    (Z, 2, X, Y) in [-1, 1]); slice z gets channels [CT_{z-k}, PET_{z-k}, ..., CT_{z+k},
+    PET_{z+k}] (k = context_slices, clamped at the ends), C = 2 (2k + 1). Unlike predict_volume
+    the slice is not resampled to img_size: `sliding_window_logits` tiles it at its own
+    resolution with patch x patch tiles (the model must have been trained on patches at that
+    resolution). p = sigmoid(logits of channel 0) in float32.
+
+    tta: flip test-time augmentation, p = mean(f(x), flip_X(f(flip_X x)), flip_Y(f(flip_Y x)))
+    (probabilities averaged, as in predict_volume). batch_size: slices read per chunk and tiles
+    per forward pass. amp_dtype: autocast dtype or None (see sliding_window_logits).
+
+    Returns float32 probabilities (X, Y, Z) on the study's grid.
+    """
+    device = torch.device(device)
+    image = study.image()  # (Z, 2, X, Y) float16 memmap
+    n_z, _, size_x, size_y = image.shape
+    index = context_indices(n_z, context_slices)  # (Z, 2k+1)
+    out = np.empty((size_x, size_y, n_z), dtype=np.float32)
+    flips = [None, (-2,), (-1,)] if tta else [None]
+    for start in range(0, n_z, batch_size):
+        rows = index[start:start + batch_size]  # (B, 2k+1)
+        x = np.asarray(image[rows.ravel()], dtype=np.float32)  # (B*(2k+1), 2, X, Y)
+        x = torch.from_numpy(x.reshape(len(rows), -1, size_x, size_y)).to(device)
+        probs = torch.zeros((len(rows), size_x, size_y), device=device)
+        for dims in flips:
+            xi = x if dims is None else torch.flip(x, dims)
+            logits = sliding_window_logits(model, xi, patch=patch, overlap=overlap,
+                                           batch_size=batch_size, gaussian=gaussian,
+                                           sigma_scale=sigma_scale, amp_dtype=amp_dtype)
+            p = torch.sigmoid(logits[:, 0])  # (B, X, Y)
+            probs += p if dims is None else torch.flip(p, dims)
+        probs /= len(flips)
+        out[:, :, start:start + len(rows)] = probs.permute(1, 2, 0).cpu().numpy()
+    return out

@@ -9,7 +9,12 @@ Adaptations:
   w_new[:, c] = mean_k(w[:, k]) * C_src / C_new for every new channel c, so a constant image gives
   the same response as before (as timm's `adapt_input_conv`, which sums for C_new = 1);
 - position embedding: leading class-token rows are dropped (TransUNet has none), the grid is
-  resized bicubically (timm's `resample_abs_pos_embed` convention, align_corners=False);
+  resized bicubically (timm's `resample_abs_pos_embed` convention, align_corners=False; the
+  official TransUNet `load_from` zooms it with scipy.ndimage.zoom(order=1), i.e. linearly, so
+  at img_size != 224 the two differ slightly; at 224 the 14x14 grid is copied as is);
+- an smp encoder file (torchvision / timm ResNet layout: conv1, bn1, layer1..4, fc) is matched
+  under the model's "encoder." prefix; its RGB conv1 is adapted as above (2 channels: each
+  mean_RGB * 3 / 2) and its classifier (fc) is ignored;
 - a file that holds only an encoder (Google's npz, a timm ViT or an smp encoder checkpoint)
   leaves the decoder and segmentation head at their random initialisation;
 - the auxiliary head (`aux_head.*`, models/aux.py): a file without one leaves a model's head at
@@ -296,8 +301,13 @@ def load_pretrained(model: nn.Module, path: str | Path, model_name: str) -> nn.M
         data = npz_to_state_dict(model, data, path, model_name, fix)
         prefixes = ("",)
     else:
+        encoder = "" if is_transunet else model_name.partition("_")[2]
+        alone = (f"its encoder alone (for an smp model: an ImageNet state_dict of '{encoder}' "
+                 "in the torchvision / timm layout, e.g. torchvision's resnet34-333f7ec4.pth for "
+                 "resnet34)" if encoder else "its encoder alone (a timm vit_base_r50_s16_224 "
+                 "state_dict)")
         fix = (f"pass a checkpoint saved from '{model_name}' (same num_classes; in_channels and "
-               "img_size may differ) or from its encoder alone, or pretrained=None")
+               f"img_size may differ) or from {alone}, or pretrained=None")
         prefixes = ("", "vit.") if is_transunet else ("", "encoder.")
     fitted = fit_state_dict(model, data, path=path, model_name=model_name, fix=fix, key_prefixes=prefixes)
     model.load_state_dict(fitted, strict=False)

@@ -366,3 +366,242 @@ def test_transunet_tiny_fits_a_small_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ------------------------------------------------------------------------------ weights: the official
+# ImageNet-21k R50+ViT-B_16.npz layout, written from the key names and shapes of Google's file as
+# the official TransUNet code (Beckschen/TransUNet, networks/vit_seg_modeling.py `load_from` and
+# vit_seg_modeling_resnet_skip.py `PreActBottleneck.load_from`) reads it, not from our model.
+
+R50_UNITS = (3, 4, 9)  # units per ResNet stage ("block1..3"), width 64 -> mid 64/128/256, out 4x
+
+
+def official_r50_vit_b16_npz(path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write (and return) every array of Google's R50+ViT-B_16.npz at its official shape:
+    3 input channels, 224^2 -> a 14x14 grid plus the class-token row, random float32 values.
+    GroupNorm parameters are written (C,) in stages 1-2 and (1, 1, 1, C) in stage 3 (Google's
+    files use both; the official code `.view(-1)`s them)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+
+    def put(name, *shape):
+        arrays[name] = rng.standard_normal(shape, dtype=np.float32)
+
+    put("conv_root/kernel", 7, 7, 3, 64)
+    put("gn_root/scale", 64)
+    put("gn_root/bias", 64)
+    cin = 64
+    for s, n_units in enumerate(R50_UNITS, start=1):
+        mid = 64 * 2 ** (s - 1)
+        cout = 4 * mid
+        gn = (lambda c: (c,)) if s < 3 else (lambda c: (1, 1, 1, c))
+        for u in range(1, n_units + 1):
+            unit = f"block{s}/unit{u}/"
+            put(unit + "conv1/kernel", 1, 1, cin if u == 1 else cout, mid)
+            put(unit + "conv2/kernel", 3, 3, mid, mid)
+            put(unit + "conv3/kernel", 1, 1, mid, cout)
+            for g, c in (("gn1", mid), ("gn2", mid), ("gn3", cout)):
+                put(f"{unit}{g}/scale", *gn(c))
+                put(f"{unit}{g}/bias", *gn(c))
+            if u == 1:  # the projection shortcut of each stage's first unit
+                put(unit + "conv_proj/kernel", 1, 1, cin, cout)
+                put(unit + "gn_proj/scale", *gn(cout))
+                put(unit + "gn_proj/bias", *gn(cout))
+        cin = cout
+    put("embedding/kernel", 1, 1, 1024, 768)
+    put("embedding/bias", 768)
+    put("Transformer/posembed_input/pos_embedding", 1, 197, 768)
+    for i in range(12):
+        block = f"Transformer/encoderblock_{i}/"
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            put(f"{block}{ln}/scale", 768)
+            put(f"{block}{ln}/bias", 768)
+        for qkv in ("query", "key", "value"):
+            put(f"{block}MultiHeadDotProductAttention_1/{qkv}/kernel", 768, 12, 64)
+            put(f"{block}MultiHeadDotProductAttention_1/{qkv}/bias", 12, 64)
+        put(f"{block}MultiHeadDotProductAttention_1/out/kernel", 12, 64, 768)
+        put(f"{block}MultiHeadDotProductAttention_1/out/bias", 768)
+        put(f"{block}MlpBlock_3/Dense_0/kernel", 768, 3072)
+        put(f"{block}MlpBlock_3/Dense_0/bias", 3072)
+        put(f"{block}MlpBlock_3/Dense_1/kernel", 3072, 768)
+        put(f"{block}MlpBlock_3/Dense_1/bias", 768)
+    put("Transformer/encoder_norm/scale", 768)
+    put("Transformer/encoder_norm/bias", 768)
+    # Classification parts a segmentation model ignores (the real head is (768, 21843): cut to
+    # 10 classes here to keep the file small).
+    put("cls", 1, 1, 768)
+    put("pre_logits/kernel", 768, 768)
+    put("pre_logits/bias", 768)
+    put("head/kernel", 768, 10)
+    put("head/bias", 10)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def _expected_encoder(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """What the documented transformation gives for each encoder tensor of our model (3 input
+    channels, stored grid): conv kernels HWIO -> OIHW, dense (in, out) -> (out, in), q/k/v
+    (768, 12, 64) -> (768, 768)^T concatenated into timm's fused qkv, out (12, 64, 768) ->
+    (768, 768)^T, norms flattened."""
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    conv = lambda a: t(a.transpose(3, 2, 0, 1))  # noqa: E731
+    vec = lambda a: t(a.reshape(-1))  # noqa: E731
+    cnn = "vit.patch_embed.backbone."
+    out = {cnn + "stem.conv.weight": conv(arrays["conv_root/kernel"]),
+           cnn + "stem.norm.weight": vec(arrays["gn_root/scale"]),
+           cnn + "stem.norm.bias": vec(arrays["gn_root/bias"])}
+    for s, n_units in enumerate(R50_UNITS):
+        for u in range(n_units):
+            ours, theirs = f"{cnn}stages.{s}.blocks.{u}.", f"block{s + 1}/unit{u + 1}/"
+            pairs = [(f"conv{r}", f"norm{r}", f"conv{r}", f"gn{r}") for r in (1, 2, 3)]
+            if u == 0:
+                pairs.append(("downsample.conv", "downsample.norm", "conv_proj", "gn_proj"))
+            for c, n, gc, gn in pairs:
+                out[f"{ours}{c}.weight"] = conv(arrays[f"{theirs}{gc}/kernel"])
+                out[f"{ours}{n}.weight"] = vec(arrays[f"{theirs}{gn}/scale"])
+                out[f"{ours}{n}.bias"] = vec(arrays[f"{theirs}{gn}/bias"])
+    out["vit.patch_embed.proj.weight"] = conv(arrays["embedding/kernel"])
+    out["vit.patch_embed.proj.bias"] = vec(arrays["embedding/bias"])
+    for i in range(12):
+        ours, theirs = f"vit.blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = theirs + "MultiHeadDotProductAttention_1/"
+        out[ours + "attn.qkv.weight"] = torch.cat(
+            [t(arrays[f"{mha}{n}/kernel"].reshape(768, 768).T) for n in ("query", "key", "value")])
+        out[ours + "attn.qkv.bias"] = torch.cat(
+            [vec(arrays[f"{mha}{n}/bias"]) for n in ("query", "key", "value")])
+        out[ours + "attn.proj.weight"] = t(arrays[mha + "out/kernel"].reshape(768, 768).T)
+        out[ours + "attn.proj.bias"] = vec(arrays[mha + "out/bias"])
+        for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            out[f"{ours}{norm}.weight"] = vec(arrays[f"{theirs}{ln}/scale"])
+            out[f"{ours}{norm}.bias"] = vec(arrays[f"{theirs}{ln}/bias"])
+        for fc, dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            out[f"{ours}mlp.{fc}.weight"] = t(arrays[f"{theirs}MlpBlock_3/{dense}/kernel"].T)
+            out[f"{ours}mlp.{fc}.bias"] = vec(arrays[f"{theirs}MlpBlock_3/{dense}/bias"])
+    out["vit.norm.weight"] = vec(arrays["Transformer/encoder_norm/scale"])
+    out["vit.norm.bias"] = vec(arrays["Transformer/encoder_norm/bias"])
+    return out
+
+
+def _check_official_load(model: torch.nn.Module, arrays: dict[str, np.ndarray],
+                         expected: dict[str, torch.Tensor], grid: int) -> None:
+    """Every encoder tensor of `model` (2 input channels, `grid`^2 tokens) equals the file's
+    after the documented transformation; the 3-channel root conv became 2 channels as
+    mean_RGB * 3 / 2; the position embedding lost its class row and was resized bicubically."""
+    sd = model.state_dict()
+    expected = dict(expected)
+    vit_keys = {k for k in sd if k.startswith("vit.") and not k.endswith("num_batches_tracked")}
+    assert vit_keys - set(expected) == {"vit.pos_embed"}  # every other encoder tensor checked
+    stem = "vit.patch_embed.backbone.stem.conv.weight"
+    rgb = expected.pop(stem)  # (64, 3, 7, 7)
+    torch.testing.assert_close(sd[stem], rgb.mean(1, keepdim=True).repeat(1, 2, 1, 1) * 1.5)
+    for key, value in expected.items():
+        torch.testing.assert_close(sd[key], value, rtol=0, atol=0, msg=key)
+    pos = torch.from_numpy(arrays["Transformer/posembed_input/pos_embedding"][:, 1:])  # no class row
+    if grid != 14:
+        img = pos.reshape(1, 14, 14, 768).permute(0, 3, 1, 2)
+        img = F.interpolate(img, size=(grid, grid), mode="bicubic", align_corners=False)
+        pos = img.flatten(2).transpose(1, 2)
+    assert sd["vit.pos_embed"].shape == (1, grid * grid, 768)
+    torch.testing.assert_close(sd["vit.pos_embed"], pos)
+
+
+@pytest.fixture(scope="module")
+def official_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("google") / "R50+ViT-B_16.npz"
+    arrays = official_r50_vit_b16_npz(path)
+    return path, arrays, _expected_encoder(arrays)
+
+
+def test_official_r50_vit_b16_npz_layout_loads_at_224_and_256(official_npz):
+    """The paper model (on the meta device, then allocated uninitialised, to skip ~10 s of
+    random init per build) takes every tensor of a file with the official names and shapes."""
+    from models.weights import load_pretrained
+    path, arrays, expected = official_npz
+    for img_size in (224, 256):
+        with torch.device("meta"):
+            model = build_model("transunet_r50_vit_b16", in_channels=2, img_size=img_size)
+        model = model.to_empty(device="cpu")
+        load_pretrained(model, path, model_name="transunet_r50_vit_b16")
+        _check_official_load(model, arrays, expected, grid=img_size // 16)
+        del model
+
+
+@pytest.mark.slow  # a full random-init build of the 105 M-parameter model plus the load: ~30 s
+def test_official_npz_through_build_model_and_forward(official_npz):
+    path, arrays, expected = official_npz
+    model = build_model("transunet_r50_vit_b16", in_channels=2, img_size=256, pretrained=path)
+    _check_official_load(model, arrays, expected, grid=16)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 2, 256, 256)).shape == (1, 1, 256, 256)
+
+
+def test_official_npz_missing_key_is_named(tmp_path, official_npz):
+    _, arrays, _ = official_npz
+    broken = dict(arrays)
+    del broken["block3/unit9/conv2/kernel"]
+    path = tmp_path / "R50+ViT-B_16.npz"
+    np.savez(path, **broken)
+    with torch.device("meta"):
+        model = build_model("transunet_r50_vit_b16", in_channels=2, img_size=224)
+    from models.weights import load_pretrained
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(model, path, model_name="transunet_r50_vit_b16")
+    message = str(err.value)
+    assert str(path) in message and "transunet_r50_vit_b16" in message
+    assert "block3/unit9/conv2/kernel" in message and "fix:" in message
+
+
+def test_torchvision_resnet34_file_loads_into_unet_resnet34_encoder(tmp_path):
+    """An ImageNet ResNet-34 state_dict in torchvision's layout (resnet34-333f7ec4.pth; random
+    values here) fills smp's encoder; conv1 becomes 2-channel as mean_RGB * 3 / 2."""
+    import torchvision
+    torch.manual_seed(0)
+    src = _randomise(torchvision.models.resnet34(weights=None)).state_dict()
+    path = tmp_path / "resnet34-333f7ec4.pth"
+    torch.save(src, path)
+    model = build_model("unet_resnet34", in_channels=2, img_size=64, pretrained=path)
+    enc = model.encoder.state_dict()
+    assert set(enc) == set(src) - {"fc.weight", "fc.bias"}
+    rgb = src["conv1.weight"]  # (64, 3, 7, 7)
+    torch.testing.assert_close(enc["conv1.weight"], rgb.mean(1, keepdim=True).repeat(1, 2, 1, 1) * 1.5)
+    for key, value in enc.items():
+        if key != "conv1.weight":
+            torch.testing.assert_close(value, src[key], rtol=0, atol=0, msg=key)
+    # A file of another encoder: the file, the model, the first key it lacks and the fix.
+    other = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), other)
+    with pytest.raises(WeightsError) as err:
+        build_model("unet_resnet34", in_channels=2, img_size=64, pretrained=other)
+    message = str(err.value)
+    assert f"pretrained weights {other} do not fit model 'unet_resnet34'" in message
+    assert "missing from the file: encoder.layer1.2.conv1.weight" in message
+    assert "fix:" in message and "'resnet34'" in message and "resnet34-333f7ec4.pth" in message
+
+
+# ------------------------------------------------------------------------------ SyncBatchNorm
+
+@pytest.mark.parametrize("name", ["transunet_tiny", "unet_resnet18"])
+def test_convert_sync_bn_replaces_every_batchnorm_and_keeps_groupnorm(name):
+    from models import convert_sync_bn
+    model = _randomise(build_model(name, in_channels=2, img_size=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert n_bn > 0 and (n_gn > 0) == name.startswith("transunet")
+    model = convert_sync_bn(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == n_bn
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == n_gn
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_sync_bn_default_rule():
+    from models import sync_bn_default
+    assert sync_bn_default(3) and sync_bn_default(8) and sync_bn_default(15)
+    assert not sync_bn_default(16) and not sync_bn_default(24)
+    assert sync_bn_default(24, threshold=32)
+    with pytest.raises(ValueError, match="per_gpu_batch"):
+        sync_bn_default(0)

@@ -1,0 +1,59 @@
+"""Smoke tests of bench/bench_cuda.py on the CPU with a tiny model (no timing is checked).
+
+    python -m pytest tests/test_bench.py -q            # eager paths
+    python -m pytest tests/test_bench.py -q -m slow    # + the torch.compile path (needs gcc)
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device=cpu", "--model=transunet_tiny", "--img_size=64", "--batch=2", "--amp=off"]
+
+
+@pytest.fixture(scope="module")
+def bench_cuda():
+    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "bench" / "bench_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(out: str) -> dict[str, float]:
+    """{configuration label: images/s} from the speedup table."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(eager, SGD \(baseline\)|eager, fused AdamW|torch\.compile, fused AdamW)"
+                     r"\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            rows[m[1]] = float(m[4])
+    return rows
+
+
+def test_speedup_suite_eager_on_cpu(bench_cuda, capsys):
+    bench_cuda.main([*TINY, "--steps=1", "--warmup=1", "--no-compile"])
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert set(rows) == {"eager, SGD (baseline)", "eager, fused AdamW"}
+    assert all(v > 0 for v in rows.values())
+    assert "ratio eager, fused AdamW / baseline:" in out
+
+
+def test_configs_and_cpu_limits(bench_cuda):
+    configs = bench_cuda.speedup_configs(24, 64, compile=True)
+    assert [(c["batch"], c["optimizer"], c["compile"]) for c in configs] == [
+        (24, "sgd", False), (64, "adamw_fused", False), (64, "adamw_fused", True)]
+    assert bench_cuda.parse_args(["--batch=2"]).baseline_batch is None  # -> min(24, 2) = 2
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        bench_cuda.main(["--device=cpu", "--suite=models"])
+
+
+@pytest.mark.slow  # inductor + gcc compile forward + backward: 245 s cold, 19 s with a warm cache (2 busy cores)
+def test_speedup_suite_compile_path_on_cpu(bench_cuda, capsys):
+    bench_cuda.main([*TINY, "--steps=1", "--warmup=1"])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["torch.compile, fused AdamW"] > 0 and len(rows) == 3
