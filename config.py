@@ -21,7 +21,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,7 +79,9 @@ class Config:
     model: str = "transunet_small"  # models.list_models(); paper: transunet_r50_vit_b16
     img_size: int = 128  # square, divisible by 16; slices are resized to it
     n_skip: int = 3  # TransUNet decoder skip connections (0-3)
-    pretrained: Optional[str] = None  # local weight file (.npz of Google's R50+ViT-B_16, or .pt)
+    # local weight file: Google's R50+ViT-B_16.npz (transunet_*) or a state_dict (.pt / .pth);
+    # "none" = from scratch, said explicitly (the paper preset requires one or the other)
+    pretrained: Optional[str] = None
     grad_checkpointing: bool = False  # activation checkpointing of transformer blocks
     compile: bool = False  # torch.compile the model
     channels_last: str = "auto"  # auto (on CUDA) | True | False
@@ -207,29 +209,98 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
+# Allowed values, checked before any work is done (a bad value ends with exit code 2 naming the
+# key, never a traceback later). Model names and model options are checked by building the
+# model (factory.check_settings), the rest here.
+CHOICES = {
+    "layout": ("auto", "autopet", "nnunet", "dicom", "png"),
+    "phantom_size": ("unit", "demo", "autopet"),
+    "tversky_weighting": ("published", "corrected", "none"),
+    "loss_reduction": ("batch", "sample"),
+    "aux_target": ("none", "organs", "uptake"),
+    "optimizer": ("adamw", "sgd"),
+    "schedule": ("cosine", "poly", "constant"),
+    "amp": ("auto", "True", "False"),
+    "channels_last": ("auto", "True", "False"),
+}
+# key -> (lowest, highest, lowest allowed itself, highest allowed itself); None = unbounded
+RANGES = {
+    "epochs": (1, None, True, True), "steps_per_epoch": (1, None, True, True),
+    "batch_size": (1, None, True, True), "val_every": (1, None, True, True),
+    "eval_batch_size": (1, None, True, True), "phantom_cases": (2, None, True, True),
+    "n_val": (0, None, True, True), "n_test": (0, None, True, True),
+    "num_workers": (0, None, True, True), "warmup_steps": (0, None, True, True),
+    "max_nonfinite": (0, None, True, True), "early_stop_patience": (0, None, True, True),
+    "context_slices": (0, None, True, True), "n_skip": (0, 3, True, True),
+    "n_bootstrap": (0, None, True, True), "seed": (0, None, True, True),
+    "split_seed": (0, None, True, True), "phantom_seed": (0, None, True, True),
+    "n_organ_classes": (2, 256, True, True), "ct_channel": (0, None, True, True),
+    "pet_channel": (0, None, True, True), "img_size": (16, None, True, True),
+    "lr": (0.0, None, False, True), "weight_decay": (0.0, None, True, True),
+    "momentum": (0.0, 1.0, True, False), "poly_power": (0.0, None, False, True),
+    "grad_clip": (0.0, None, True, True), "threshold": (0.0, 1.0, False, False),
+    "fg_fraction": (0.0, 1.0, True, True), "suv_max": (0.0, None, False, True),
+    "w_bce": (0.0, None, True, True), "w_tversky": (0.0, None, True, True),
+    "w_dice": (0.0, None, True, True), "w_aux": (0.0, None, True, True),
+    "tversky_fp_weight": (0.0, None, True, True), "tversky_fn_weight": (0.0, None, True, True),
+    "tversky_gamma": (0.0, None, False, True), "bce_pos_weight": (0.0, None, False, True),
+    "min_component_ml": (0.0, None, True, True), "suv_floor": (0.0, None, True, True),
+    "uptake_suv": (0.0, None, False, True), "p_misalign": (0.0, 1.0, True, True),
+}
+
+
+def _check_range(key: str, value: Any) -> None:
+    if value is None:  # an Optional setting left unset
+        return
+    low, high, low_ok, high_ok = RANGES[key]
+    fine = (low is None or value > low or (low_ok and value == low)) and \
+        (high is None or value < high or (high_ok and value == high))
+    if not fine:
+        interval = (("[" if low_ok else "(") + f"{'-inf' if low is None else low}, "
+                    f"{'inf' if high is None else high}" + ("]" if high_ok else ")"))
+        raise ConfigError(f"--{key}={value!r} is out of range: it must lie in {interval}")
+
+
 def _validate(cfg: Config) -> None:
+    """Every value and combination that can be checked without building anything."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"--{key}={getattr(cfg, key)!r}: choose one of {', '.join(choices)}")
+    for key in RANGES:
+        _check_range(key, getattr(cfg, key))
     if cfg.img_size % 16:
         raise ConfigError(f"--img_size={cfg.img_size} must be divisible by 16 (the ViT patch grid)")
-    if cfg.layout not in ("auto", "autopet", "nnunet", "dicom", "png"):
-        raise ConfigError(f"--layout={cfg.layout!r}: choose auto, autopet, nnunet, dicom or png")
-    if cfg.tversky_weighting not in ("published", "corrected", "none"):
-        raise ConfigError(f"--tversky_weighting={cfg.tversky_weighting!r}: "
-                          "choose published, corrected or none")
     if len(cfg.ct_window) != 2 or cfg.ct_window[0] >= cfg.ct_window[1]:
         raise ConfigError(f"--ct_window={cfg.ct_window}: give (low, high) in HU with low < high")
-    if not 0.0 <= cfg.fg_fraction <= 1.0:
-        raise ConfigError(f"--fg_fraction={cfg.fg_fraction} must be within [0, 1]")
-    if cfg.aux_target not in ("none", "organs", "uptake"):
-        raise ConfigError(f"--aux_target={cfg.aux_target!r}: choose none, organs or uptake")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        raise ConfigError(f"--optimizer={cfg.optimizer!r}: choose adamw or sgd")
-    if cfg.schedule not in ("cosine", "poly", "constant"):
-        raise ConfigError(f"--schedule={cfg.schedule!r}: choose cosine, poly or constant")
-    for key in ("amp", "channels_last"):
-        if getattr(cfg, key) not in ("auto", "True", "False"):
-            raise ConfigError(f"--{key}={getattr(cfg, key)!r}: choose auto, True or False")
+    if cfg.w_bce + cfg.w_tversky + cfg.w_dice == 0:
+        raise ConfigError("--w_bce, --w_tversky and --w_dice are all 0: the lesion loss would be 0; "
+                          "give at least one a positive weight")
+    if cfg.ct_channel == cfg.pet_channel:
+        raise ConfigError(f"--ct_channel and --pet_channel are both {cfg.ct_channel}; they must differ")
+    if cfg.n_folds == 1 or cfg.n_folds < 0:
+        raise ConfigError(f"--n_folds={cfg.n_folds}: use 0 (no cross-validation) or >= 2")
+    if cfg.n_folds > 1 and not 0 <= cfg.fold < cfg.n_folds:
+        raise ConfigError(f"--fold={cfg.fold} must be in 0..{cfg.n_folds - 1} (--n_folds={cfg.n_folds})")
+    if cfg.data_dir is None and cfg.n_folds == 0 and cfg.n_val + cfg.n_test >= cfg.phantom_cases:
+        raise ConfigError(f"--n_val={cfg.n_val} + --n_test={cfg.n_test} leave no training study of "
+                          f"the {cfg.phantom_cases} phantom studies; raise --phantom_cases")
+    if cfg.warmup_steps >= cfg.epochs * cfg.steps_per_epoch:
+        raise ConfigError(f"--warmup_steps={cfg.warmup_steps} is not shorter than the run "
+                          f"({cfg.epochs} x {cfg.steps_per_epoch} steps); lower it")
+
+
+def _validate_new_run(cfg: Config) -> None:
+    """Rules for a run about to start (not for the saved config of a finished run)."""
+    if cfg.preset == "paper" and cfg.pretrained is None:
+        raise ConfigError("--preset=paper is the published setting, which starts from the "
+                          "ImageNet-21k R50+ViT-B/16 weights: give --pretrained=<path to "
+                          "R50+ViT-B_16.npz>, or --pretrained=none to train from scratch")
+    if cfg.pretrained is not None and cfg.pretrained.lower() != "none" and \
+            not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"--pretrained={cfg.pretrained}: no such file; give a local weight "
+                          "file (nothing is downloaded) or --pretrained=none")
 
 
 def make_config(overrides: Optional[dict[str, Any]] = None) -> Config:
@@ -243,11 +314,13 @@ def make_config(overrides: Optional[dict[str, Any]] = None) -> Config:
     values = {**PRESETS[preset], **overrides, "preset": preset}
     cfg = Config(**{key: _coerce(key, value) for key, value in values.items()})
     _validate(cfg)
+    _validate_new_run(cfg)
     return cfg
 
 
-def parse_cli(argv: list[str]) -> Config:
-    """`--key=value` arguments -> Config. `--flag` alone means True."""
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key=value` arguments -> {key: value} as given (keys checked, values parsed, not yet
+    type-checked). `--flag` alone means True."""
     overrides: dict[str, Any] = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -256,7 +329,12 @@ def parse_cli(argv: list[str]) -> Config:
         key = key.replace("-", "_")
         _check_key(key)
         overrides[key] = parse_value(raw) if sep else True
-    return make_config(overrides)
+    return overrides
+
+
+def parse_cli(argv: list[str]) -> Config:
+    """`--key=value` arguments -> Config (defaults < preset < these)."""
+    return make_config(parse_overrides(argv))
 
 
 def save_config(cfg: Config, path: str | os.PathLike, extra: Optional[dict] = None) -> None:

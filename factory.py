@@ -37,10 +37,37 @@ def aux_classes(cfg: config.Config) -> int:
 
 def build_model(cfg: config.Config, pretrained: Optional[str] = None) -> nn.Module:
     """The run's model: lesion logits (B, 1, S, S) in eval mode; in train mode with an auxiliary
-    target (B, 1 + K, S, S). `pretrained`: a local weight file or None."""
+    target (B, 1 + K, S, S). `pretrained`: a local weight file, or None / "none" (from scratch)."""
+    if pretrained is not None and pretrained.lower() == "none":
+        pretrained = None
     return models.build_model(cfg.model, in_channels=cfg.in_channels, num_classes=1,
                               img_size=cfg.img_size, pretrained=pretrained,
                               aux_classes=aux_classes(cfg), **model_options(cfg))
+
+
+def check_settings(cfg: config.Config) -> None:
+    """Fail now, with the setting named, for what only building can tell: the model name and
+    its options (on the meta device: no memory, no weights read) and the loss settings. Called
+    before any data is generated, read or cached."""
+    import torch
+
+    def build() -> None:
+        models.build_model(cfg.model, in_channels=cfg.in_channels, num_classes=1,
+                           img_size=cfg.img_size, aux_classes=aux_classes(cfg),
+                           **model_options(cfg))
+
+    try:
+        try:
+            with torch.device("meta"):
+                build()
+        except (RuntimeError, NotImplementedError):  # a model whose init reads tensor values
+            build()
+    except ValueError as err:
+        raise config.ConfigError(f"--model={cfg.model}: {err}") from None
+    try:
+        build_loss(cfg)
+    except ValueError as err:
+        raise config.ConfigError(f"loss settings: {err}") from None
 
 
 def build_loss(cfg: config.Config) -> nn.Module:

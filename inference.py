@@ -6,6 +6,7 @@ Not a script; used as `inference.predict_volume(model, cached_study, img_size=..
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np

@@ -90,8 +90,10 @@ def distance_penalty_mm(shape: Sequence[int], spacing: Sequence[float]) -> float
     return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
-    """Segmentation metrics of one 3-D study.
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], *,
+                 lesions: bool = False) -> dict[str, Any]:
+    """Segmentation metrics of one 3-D study (`lesions=True` adds "lesion_detected": one bool
+    per reference lesion, in the label order of scipy.ndimage.label on `ref`).
 
     pred, ref: (X, Y, Z) arrays, any non-zero value is foreground. spacing: voxel size in mm in
     array-axis order (nibabel arrays are x, y, z). Voxel volume v = prod(spacing) / 1000 ml.
@@ -135,6 +137,8 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
         precision=nan, fpv_ml=0.0, fnv_ml=nan, n_lesions=0, n_lesions_detected=0,
         n_fp_components=0, n_pred_components=0, distance_penalty=False,
         pred_volume_ml=n_pred * voxel_ml, ref_volume_ml=n_ref * voxel_ml)
+    if lesions:
+        row["lesion_detected"] = []
     if n_pred == 0 and n_ref == 0:
         return row
     if n_pred == 0:  # a tumour study with nothing predicted: the stated distance penalty
@@ -143,7 +147,9 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
     box = _union_bbox(pred, ref)
     p, r = pred[box], ref[box]
 
-    match = match_lesions(p, r)
+    match = match_lesions(p, r)  # the crop keeps the raster order, so the label order too
+    if lesions:
+        row["lesion_detected"] = [bool(d) for d in match["ref_detected"]]
     row["fpv_ml"] = float(match["pred_sizes"][~match["pred_touched"]].sum()) * voxel_ml
     row["n_pred_components"] = int(match["pred_sizes"].size)
     row["n_fp_components"] = int((~match["pred_matched"]).sum())

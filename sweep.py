@@ -217,12 +217,11 @@ def _supervise(todo: list[dict], running: dict, failed: list, runs_dir: Path,
 
 def prepare_data_once(settings: dict) -> None:
     """Generate the phantom and fill the cache before runs start, so parallel runs only read."""
-    import main  # heavy imports only when runs are actually started
+    import factory  # heavy imports only when runs are actually started
     import runtime
 
     runtime.setup_logging(None)
-    cfg = config.make_config(settings)
-    main.prepare_studies(cfg)
+    factory.prepare_data(config.make_config(settings))
 
 
 # ---- collection ---------------------------------------------------------------------------

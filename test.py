@@ -1,31 +1,42 @@
-"""Evaluation and prediction: honest per-study 3-D metrics, autoPET FPV/FNV, masks and pictures.
+"""Evaluation and prediction: honest per-study 3-D metrics, PET quantification, masks, pictures
+and a report, for a finished run.
 
-    python test.py --run_dir=runs/<name>                        # re-evaluate a finished run's test studies
+    python test.py --run_dir=runs/<name>                        # re-evaluate a run's test studies
     python test.py --run_dir=runs/<name> --checkpoint=last --tta=True
     python test.py --run_dir=runs/<name> --data_dir=/data/other # every labelled study of another folder
     python test.py --run_dir=runs/<name> --predict_dir=/data/new --output_dir=/tmp/masks   # unlabelled
+    python test.py --run_dir=runs/<name> --export_onnx=model.onnx   # + parity check with ONNX Runtime
 
-The same commands run on a GPU: the run's `config.json` says which device to use (`device="auto"`
-picks CUDA when present). Everything is rebuilt from `runs/<name>/config.json`, never from this
-file's defaults. Outputs (docs/evaluation.md, "Files"): `eval/per_case.csv`, `eval/summary.json`,
-`eval/predictions/<case_id>.nii.gz`, `eval/overlays/<case_id>.png`.
+The same commands run on a GPU (the run's config.json says which device; `auto` picks CUDA).
+Everything is rebuilt from `runs/<name>/config.json`, never from this file's defaults.
 
-Metrics follow the autoPET III/IV official evaluation (docs/evaluation.md):
-Dice per 3-D study, false-positive / false-negative volume over 18-connected components, and an
-explicit empty-case policy instead of MedPy's accidents. (The file is named test.py after the
-TransUNet convention; pytest only collects `tests/`, see pyproject.toml.)
+Where results go (docs/evaluation.md, "Files"): main.py's evaluation of the best checkpoint on
+the run's test studies is `eval/`. Every other variant gets its own folder named after what
+differs, e.g. `eval-last`, `eval-tta`, `eval-pp-floor1.5`, `eval-data-<folder>-<hash>`; a folder
+is written whole into a temporary folder and renamed, so it never mixes files of two
+evaluations. Evaluating a variant again either reproduces the folder that is there (same
+numbers: nothing is written, the match is reported) or goes to a new folder `<name>-2`, ...
+beside it (the earlier one is never overwritten). The run's own test studies must be exactly
+the data it recorded (cases.json: the hash of each study's cached bytes); a `--data_dir` that
+holds studies the run trained or validated on is refused, or with `--allow_seen=True` labelled
+study by study. (The file is named test.py after the TransUNet convention; pytest collects only
+`tests/`.)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,9 +48,11 @@ import checkpoint
 import config
 import data
 import factory
+import quantification
+import report
 import runtime
-from data.cache import load_cached
 from data.geometry import save_mask_nifti
+from data.prepare import check_same_data, load_manifest
 from data.split import load_split
 from inference import predict_volume
 from metrics import case_metrics, format_summary, postprocess_mask, summarise_cohort
@@ -47,7 +60,7 @@ from pictures import overlay_png
 
 log = logging.getLogger(__name__)
 
-# 18-connectivity (faces + edges, not corners), as in the autoPET evaluation (cc3d connectivity=18).
+# per_case.csv column order (docs/evaluation.md, "Files"); other columns follow these.
 CSV_COLUMNS = ("case_id", "has_tumor", "dice", "iou", "hd95_mm", "assd_mm", "sensitivity",
                "precision", "fpv_ml", "fnv_ml", "n_lesions", "n_lesions_detected",
                "n_fp_components")
@@ -57,6 +70,10 @@ class EvaluationError(ValueError):
     """A user mistake at evaluation time: missing run directory, checkpoint, split or study."""
 
     user_error = True
+
+
+# ---------------------------------------------------------------------------------------------
+# files
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -74,8 +91,8 @@ def _json_safe(value: Any) -> Any:
         return [_json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
     return value
 
 
@@ -90,17 +107,28 @@ def write_per_case_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     _atomic_write_bytes(Path(path), buffer.getvalue().encode())
 
 
-def _study_volumes(cached: Any, suv_max: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """(SUV, mask) of a study on its (X, Y, Z) grid, from the original files when they can be
-    read back (the mask is then exactly the user's), else recovered from the cache (the mask
-    is a voxel-exact copy; SUV = (ch1 + 1) * suv_max / 2, float16, clipped at suv_max)."""
-    try:
-        study = data.load_study(cached.source)
-        if study.case_id == cached.case_id and tuple(study.shape) == tuple(cached.shape):
-            mask = study.mask if study.mask is not None else np.zeros(study.shape, np.uint8)
-            return study.pet, mask, "original"
-    except data.DataError as err:
-        log.debug("%s: reading %s failed (%s); using the cache", cached.case_id, cached.source, err)
+def _write_summary(summary: dict, path: Path) -> None:
+    _atomic_write_bytes(path, (json.dumps(_json_safe(summary), indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# the studies and the model of a run
+
+
+def study_volumes(cached: Any, suv_max: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """(SUV, mask) of a study on its (X, Y, Z) grid from its original files (unclipped SUV,
+    the user's exact mask), read again through the StudyRef it was cached from; for a study
+    that has no files (an in-memory Study) they are recovered from the cache (mask voxel-exact,
+    SUV = (ch1 + 1) * suv_max / 2 in float16, clipped at suv_max) and the origin says "cache"."""
+    ref = cached.study_ref() if hasattr(cached, "study_ref") else None
+    if ref is not None:
+        study = data.load_study(ref)
+        if tuple(study.shape) != tuple(cached.shape):
+            raise EvaluationError(f"study {cached.case_id}: its files ({ref.paths}) now hold a "
+                                  f"{study.shape} volume, the cache a {tuple(cached.shape)} one; "
+                                  "the source changed after caching: run again to re-cache it")
+        mask = study.mask if study.mask is not None else np.zeros(study.shape, np.uint8)
+        return study.pet, mask, "original"
     image = cached.image()  # (Z, 2, X, Y)
     suv = (np.moveaxis(np.asarray(image[:, 1], np.float32), 0, -1) + 1.0) * (suv_max / 2.0)
     mask = np.moveaxis(np.asarray(cached.mask()), 0, -1)  # (Z, X, Y) -> (X, Y, Z)
@@ -115,56 +143,103 @@ def load_run_model(run_dir: Path, cfg: config.Config, checkpoint_name: str,
     return model.to(device)
 
 
-def _test_studies(run_dir: Path, cfg: config.Config, data_dir: Optional[str],
-                  subset: str = "test") -> list:
-    """The run's test (or "val") studies (split.json + cases.json), or every labelled study of
-    data_dir."""
-    if data_dir is not None:
-        return factory.cache_folder(cfg, data_dir)
-    cases_path = run_dir / "cases.json"
-    try:
-        directories = json.loads(cases_path.read_text())
-    except FileNotFoundError:
-        raise EvaluationError(f"{cases_path} not found; it is written by main.py. Pass "
-                              f"--data_dir=<labelled studies> to evaluate on a folder") from None
-    by_id = {}
-    for directory in directories:
-        cached = load_cached(directory)
-        by_id[cached.case_id] = cached
-    test_ids = load_split(run_dir / "split.json")[subset]
-    missing = [c for c in test_ids if c not in by_id]
-    if missing:
-        raise EvaluationError(f"{subset} studies {missing[:5]} of {run_dir}/split.json are not in "
-                              f"{cases_path}; re-run main.py or pass --data_dir")
-    if not test_ids:
+def run_studies(run_dir: Path, cfg: config.Config, subset: str = "test") -> list:
+    """The run's `subset` ("test" or "val") studies, exactly as the run recorded them: the data
+    is prepared again with the run's settings (the phantom is regenerated if it is gone, a cache
+    entry rebuilt from unchanged files), then every study must have the cached bytes whose hash
+    cases.json holds. Anything else is refused, naming the studies."""
+    ids = load_split(run_dir / "split.json")[subset]
+    if not ids:
         raise EvaluationError(f"{run_dir}/split.json has no {subset} studies (n_{subset}=0); "
-                              f"pass --data_dir=<labelled studies>")
-    return [by_id[c] for c in test_ids]
+                              "pass --data_dir=<labelled studies>")
+    recorded = load_manifest(run_dir / "cases.json")
+    if recorded["format"] == 1:  # recorded before content hashes: use the cache folders named
+        log.warning("%s/cases.json predates content hashes: its studies cannot be verified", run_dir)
+        by_id = {r["case_id"]: r["directory"] for r in recorded["studies"]}
+        return [data.load_cached(by_id[c]) for c in ids]
+    manifest = factory.prepare_data(cfg)
+    return check_same_data(recorded, manifest.studies, ids, f"{subset}")
+
+
+def folder_studies(run_dir: Path, cfg: config.Config, data_dir: str, allow_seen: bool
+                   ) -> tuple[list, dict[str, str]]:
+    """Every labelled study of `data_dir`, and {case_id: "train" | "val"} for those the run
+    trained or validated on (same cached bytes, or the same source files). Such studies are
+    refused unless `allow_seen`, and then labelled."""
+    studies = factory.cache_folder(cfg, data_dir)
+    split = load_split(run_dir / "split.json")
+    recorded = load_manifest(run_dir / "cases.json")
+    role = {c: name for name in ("train", "val") for c in split[name]}
+    hashes = {r["content_hash"]: role[r["case_id"]] for r in recorded["studies"]
+              if r["case_id"] in role and r["content_hash"]}
+    sources = {r["source"]: role[r["case_id"]] for r in recorded["studies"] if r["case_id"] in role}
+    seen = {}
+    for s in studies:
+        where = hashes.get(s.content_hash) or sources.get(s.source)
+        if where:
+            seen[s.case_id] = where
+    if seen and not allow_seen:
+        listed = ", ".join(f"{c} ({w})" for c, w in list(seen.items())[:10])
+        raise EvaluationError(f"{data_dir} holds {len(seen)} studies that {run_dir} trained or "
+                              f"validated on: {listed}{' ...' if len(seen) > 10 else ''}; their "
+                              "scores would not be a test. Evaluate a folder of unseen studies, "
+                              "or pass --allow_seen=True to score them labelled as seen")
+    return studies, seen
+
+
+# ---------------------------------------------------------------------------------------------
+# settings, variants, threshold
 
 
 def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dict],
-              device: Optional[torch.device | str]) -> dict:
+              threshold: Optional[float], device: Optional[torch.device | str]) -> dict:
     post = {"min_component_ml": cfg.min_component_ml, "suv_floor": cfg.suv_floor,
             **(postprocess or {})}
-    return {"threshold": cfg.threshold, "tta": cfg.tta if tta is None else bool(tta),
-            "postprocess": post, "device": str(runtime.resolve_device(str(device or cfg.device)))}
+    return {"threshold": cfg.threshold if threshold is None else float(threshold),
+            "tune_threshold": cfg.tune_threshold and threshold is None,
+            "tta": cfg.tta if tta is None else bool(tta), "postprocess": post,
+            "device": str(runtime.resolve_device(str(device or cfg.device)))}
+
+
+def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
+                 data_dir: Optional[str], allow_seen: bool = False) -> str:
+    """The folder of an evaluation: "eval" for the run's own setting (what main.py writes),
+    "eval-<what differs>" for every other variant, so two variants never share a folder."""
+    parts = []
+    if checkpoint_name != "best":
+        parts.append(checkpoint_name)
+    if settings["tta"] != cfg.tta:
+        parts.append("tta" if settings["tta"] else "notta")
+    if settings["threshold"] != cfg.threshold or settings["tune_threshold"] != cfg.tune_threshold:
+        parts.append(f"thr{settings['threshold']:g}")
+    post = settings["postprocess"]
+    if post["suv_floor"] != cfg.suv_floor or post["min_component_ml"] != cfg.min_component_ml:
+        parts.append(f"pp-floor{post['suv_floor']:g}-min{post['min_component_ml']:g}")
+    if data_dir is not None:
+        absolute = str(Path(data_dir).absolute())
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(absolute).name)[:40] or "data"
+        parts.append(f"data-{name}-{hashlib.sha1(absolute.encode()).hexdigest()[:6]}")
+        if allow_seen:
+            parts.append("seen")
+    return "-".join(["eval", *parts])
 
 
 THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 
 
 def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size: int,
-                     batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype], tta: bool,
-                     context_slices: int, suv_max: float,
+                     batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype],
+                     tta: bool, context_slices: int, suv_max: float,
                      candidates: Sequence[float] = THRESHOLD_CANDIDATES) -> tuple[float, dict]:
     """The probability threshold that maximises the pooled Dice 2TP / (2TP + FP + FN) over
-    `studies` (the VALIDATION studies: test studies never choose anything, docs/study.md). Ties go to
-    the higher threshold (fewer false positives). Returns (threshold, {threshold: pooled Dice})."""
+    `studies` (the VALIDATION studies: test studies never choose anything, docs/study.md). Ties go
+    to the higher threshold (fewer false positives). Returns (threshold, {threshold: pooled Dice})."""
     counts = np.zeros((len(candidates), 3))  # TP, FP, FN per candidate
     for cached in studies:
         prob = predict_volume(model, cached, img_size=img_size, batch_size=batch_size,
-                              device=device, amp_dtype=amp_dtype, tta=tta, context_slices=context_slices)
-        _, ref, _ = _study_volumes(cached, suv_max)
+                              device=device, amp_dtype=amp_dtype, tta=tta,
+                              context_slices=context_slices)
+        _, ref, _ = study_volumes(cached, suv_max)
         ref = ref.astype(bool)
         for k, threshold in enumerate(candidates):
             pred = prob > threshold
@@ -178,10 +253,10 @@ def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size
 
 def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
                amp_dtype: Optional[torch.dtype]) -> tuple[float, Optional[dict]]:
-    """cfg.threshold, or (cfg.tune_threshold) the one chosen on the run's validation studies."""
-    if not cfg.tune_threshold:
-        return cfg.threshold, None
-    studies = _test_studies(run_dir, cfg, None, subset="val")
+    """The fixed threshold, or (tune_threshold) the one chosen on the run's validation studies."""
+    if not settings["tune_threshold"]:
+        return settings["threshold"], None
+    studies = run_studies(run_dir, cfg, subset="val")
     threshold, curve = choose_threshold(
         model, studies, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
         device=torch.device(settings["device"]), amp_dtype=amp_dtype, tta=settings["tta"],
@@ -191,75 +266,163 @@ def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settin
     return threshold, {"chosen": threshold, "n_val_studies": len(studies), "val_pooled_dice": curve}
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluation of a run
+
+
+def _score_study(cached: Any, prob: np.ndarray, *, threshold: float, post: dict, suv_max: float,
+                 out: Path, save_overlays: bool) -> tuple[dict, Optional[dict], list[dict]]:
+    """Metrics (and post-processed metrics), PET quantities and lesion rows of one study; writes
+    its predicted mask (and overlay) into `out`."""
+    suv, ref, origin = study_volumes(cached, suv_max)
+    pred = prob > threshold
+    row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing, lesions=True),
+           "mask_from": origin}
+    pp_row = None
+    if post["min_component_ml"] > 0 or post["suv_floor"] > 0:
+        pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
+        pp_row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing, lesions=True)}
+        row.update({f"pp_{k}": v for k, v in pp_row.items() if k in CSV_COLUMNS[2:]})
+    detected = (pp_row or row).pop("lesion_detected")
+    row.pop("lesion_detected", None)
+    if pp_row is not None:
+        pp_row.pop("lesion_detected", None)
+    lesions = []
+    if origin == "original":  # PET quantities need the unclipped SUV of the study's own file
+        row.update(quantification.study_columns(suv, pred, ref, cached.spacing))
+        lesions = quantification.lesion_table(suv, ref, cached.spacing, detected,
+                                              case_id=cached.case_id)
+    save_mask_nifti(pred, np.asarray(cached.affine), out / "predictions" / f"{cached.case_id}.nii.gz")
+    if save_overlays:
+        scored = pp_row or row
+        png = overlay_png(suv, ref, pred, cached.spacing, title=f"{cached.case_id}  Dice "
+                          f"{scored['dice']:.3f}  FPV {scored['fpv_ml']:.2f} ml")
+        _atomic_write_bytes(out / "overlays" / f"{cached.case_id}.png", png)
+    return row, pp_row, lesions
+
+
+def _comparable(folder: Path) -> tuple[str, dict]:
+    """What must match for two evaluations to be the same: per_case.csv and the summary's
+    numbers (not where or when they were computed)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    for key in ("settings", "environment", "output_dir"):
+        summary.pop(key, None)
+    return (folder / "per_case.csv").read_text(), summary
+
+
+def _publish(tmp: Path, final: Path) -> tuple[Path, str]:
+    """Move a finished evaluation into place without touching an earlier one. Returns (the
+    folder holding the result, "new" | "reproduced" | "differs")."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return final, "new"
+    try:
+        same = _comparable(tmp) == _comparable(final)
+    except (OSError, ValueError):
+        same = False
+    if same:
+        shutil.rmtree(tmp)
+        return final, "reproduced"
+    k = 2
+    while final.with_name(f"{final.name}-{k}").exists():
+        k += 1
+    os.rename(tmp, final.with_name(f"{final.name}-{k}"))
+    return final.with_name(f"{final.name}-{k}"), "differs"
+
+
 def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              checkpoint: str = "best", tta: Optional[bool] = None,
-             postprocess: Optional[dict] = None, device: Optional[torch.device | str] = None,
+             postprocess: Optional[dict] = None, threshold: Optional[float] = None,
+             device: Optional[torch.device | str] = None, allow_seen: bool = False,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
 
-    Everything comes from `run_dir/config.json` (model, image size, context slices, threshold,
-    TTA, post-processing, cache); `tta`, `postprocess` ({"min_component_ml", "suv_floor"}) and
-    `device` override it. Per study: probabilities (inference.predict_volume) > threshold ->
-    metrics (case_metrics) vs the study's own mask; with post-processing configured, the
-    post-processed mask is scored too (columns `pp_*`, summary "postprocessed") and is the
-    one written. Writes eval/per_case.csv, eval/summary.json, eval/predictions/<case_id>.nii.gz,
-    eval/overlays/<case_id>.png (atomically) and returns the summary dict.
+    Everything comes from `run_dir/config.json`; `tta`, `postprocess` ({"min_component_ml",
+    "suv_floor"}), `threshold` and `device` override it. Per study: probabilities
+    (inference.predict_volume, under the autocast dtype the run trained with) > threshold ->
+    metrics (metrics.case_metrics) against the study's own mask and PET quantities
+    (quantification.study_columns) on its unclipped SUV; with post-processing configured, the
+    post-processed mask is scored too (columns `pp_*`, summary "postprocessed") and is the one
+    written. The folder (see the module docstring) gets per_case.csv, lesions.csv,
+    summary.json, predictions/, overlays/, the agreement plots and report.html. Returns the
+    summary, with "output_dir" and "status" (new / reproduced / differs).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
     cfg = config.load_config(run_dir / "config.json")
-    settings = _settings(cfg, tta, postprocess, device)
+    settings = _settings(cfg, tta, postprocess, threshold, device)
     device = torch.device(settings["device"])
-    post = settings["postprocess"]
-    use_post = post["min_component_ml"] > 0 or post["suv_floor"] > 0
-    studies = _test_studies(run_dir, cfg, data_dir)
+    name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
+    seen: dict[str, str] = {}
+    if data_dir is None:
+        studies = run_studies(run_dir, cfg)
+    else:
+        studies, seen = folder_studies(run_dir, cfg, data_dir, allow_seen)
     model = load_run_model(run_dir, cfg, checkpoint, device)
-    out = run_dir / "eval"
     amp_dtype = runtime.resolve_amp(cfg.amp, device)  # the dtype the run trained with
-    threshold, tuning = _threshold(run_dir, cfg, model, settings, amp_dtype)
-    settings["threshold"] = threshold
+    settings["threshold"], tuning = _threshold(run_dir, cfg, model, settings, amp_dtype)
 
-    rows, pp_rows = [], []
-    bar = tqdm(studies, desc="evaluate", unit="study", disable=not progress)
-    for cached in bar:
-        prob = predict_volume(model, cached, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
-                              device=device, amp_dtype=amp_dtype, tta=settings["tta"],
-                              context_slices=cfg.context_slices)  # (X, Y, Z)
-        suv, ref, origin = _study_volumes(cached, cfg.suv_max)
-        pred = prob > threshold
-        row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing),
-               "mask_from": origin}
-        rows.append(row)
-        if use_post:
-            pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
-            pp_rows.append({"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing)})
-            row.update({f"pp_{k}": v for k, v in pp_rows[-1].items() if k in CSV_COLUMNS[2:]})
-        save_mask_nifti(pred, np.asarray(cached.affine), out / "predictions" / f"{cached.case_id}.nii.gz")
-        if cfg.save_overlays:
-            png = overlay_png(suv, ref, pred, cached.spacing,
-                              title=f"{cached.case_id}  Dice {row['dice']:.3f}  FPV {row['fpv_ml']:.2f} ml")
-            _atomic_write_bytes(out / "overlays" / f"{cached.case_id}.png", png)
-        bar.set_postfix(dice=f"{row['dice']:.3f}")
+    tmp = run_dir / f".{name}-tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        rows, pp_rows, lesions = [], [], []
+        bar = tqdm(studies, desc="evaluate", unit="study", disable=not progress)
+        for cached in bar:
+            prob = predict_volume(model, cached, img_size=cfg.img_size,
+                                  batch_size=cfg.eval_batch_size, device=device,
+                                  amp_dtype=amp_dtype, tta=settings["tta"],
+                                  context_slices=cfg.context_slices)  # (X, Y, Z)
+            row, pp_row, study_lesions = _score_study(
+                cached, prob, threshold=settings["threshold"], post=settings["postprocess"],
+                suv_max=cfg.suv_max, out=tmp, save_overlays=cfg.save_overlays)
+            if seen:
+                row["seen_in_run"] = seen.get(cached.case_id, "")
+            rows.append(row)
+            pp_rows += [pp_row] if pp_row else []
+            lesions += study_lesions
+            bar.set_postfix(dice=f"{row['dice']:.3f}")
+        summary = _summary(rows, pp_rows, cfg, settings, tuning, seen,
+                           run_dir=run_dir, checkpoint_name=checkpoint, data_dir=data_dir)
+        _write_outputs(tmp, rows, lesions, summary, run_dir)
+        folder, status = _publish(tmp, run_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed
+    if status == "differs":
+        log.warning("the results differ from the earlier evaluation in %s: written to %s "
+                    "(the earlier one is kept)", run_dir / name, folder)
+    log.info("evaluation of %d studies: %s (%s)", len(rows), folder, status)
+    return {**summary, "output_dir": str(folder), "status": status}
 
+
+def _summary(rows: list[dict], pp_rows: list[dict], cfg: config.Config, settings: dict,
+             tuning: Optional[dict], seen: dict, *, run_dir: Path, checkpoint_name: str,
+             data_dir: Optional[str]) -> dict:
     summary = summarise_cohort(rows, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-    if use_post:
+    if pp_rows:
         summary["postprocessed"] = summarise_cohort(pp_rows, n_bootstrap=cfg.n_bootstrap,
                                                     seed=cfg.seed)
+    summary["agreement"] = quantification.cohort_agreement(rows)
     if tuning:
         summary["threshold_tuning"] = tuning
-    summary["settings"] = {**settings, "run_dir": str(run_dir), "checkpoint": checkpoint,
+    if seen:
+        summary["seen_in_run"] = {"n_studies": len(seen), "note": "studies the run trained or "
+                                  "validated on: not a test"}
+    summary["settings"] = {**settings, "run_dir": str(run_dir), "checkpoint": checkpoint_name,
                            "data_dir": data_dir, "model": cfg.model, "img_size": cfg.img_size,
                            "context_slices": cfg.context_slices}
-    write_per_case_csv(rows, out / "per_case.csv")
-    _atomic_write_bytes(out / "summary.json",
-                        (json.dumps(_json_safe(summary), indent=2) + "\n").encode())
-    log.info("evaluation of %d studies written to %s", len(rows), out)
+    summary["environment"] = {"git_commit": runtime.git_commit(), "torch": torch.__version__}
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# pictures
+def _write_outputs(out: Path, rows: list[dict], lesions: list[dict], summary: dict,
+                   run_dir: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_per_case_csv(rows, out / "per_case.csv")
+    quantification.write_lesion_csv(lesions, out / "lesions.csv")
+    quantification.save_agreement_plots(rows, out)
+    _write_summary(summary, out / "summary.json")
+    report.write_report(out, summary=summary, rows=rows, lesion_rows=lesions, run_dir=run_dir,
+                        title=f"Evaluation of {run_dir.name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +432,12 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
 def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
                 output_dir: str | os.PathLike, *, checkpoint: str = "best",
                 tta: Optional[bool] = None, postprocess: Optional[dict] = None,
-                device: Optional[torch.device | str] = None, progress: bool = True) -> list[Path]:
+                threshold: Optional[float] = None, device: Optional[torch.device | str] = None,
+                progress: bool = True) -> list[Path]:
     """Masks for every study of `input_dir` (labelled or not) as `<output_dir>/<case_id>.nii.gz`
     (uint8, the study's affine and shape). Threshold, TTA and post-processing as in `evaluate`.
-    Nothing is written into input_dir; the preprocessing cache goes to the run's cache_dir."""
+    Nothing is written into input_dir, and no existing file of output_dir is replaced; the
+    studies are cached in their own folders of the run's cache_dir."""
     run_dir, input_dir, output_dir = Path(run_dir), Path(input_dir), Path(output_dir)
     if not run_dir.is_dir():
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
@@ -280,10 +445,16 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
         raise EvaluationError(f"--output_dir={output_dir} lies inside --predict_dir={input_dir}; "
                               f"input folders are never written, choose another folder")
     cfg = config.load_config(run_dir / "config.json")
-    settings = _settings(cfg, tta, postprocess, device)
+    settings = _settings(cfg, tta, postprocess, threshold, device)
     device = torch.device(settings["device"])
     post = settings["postprocess"]
     studies = factory.cache_folder(cfg, input_dir, require_mask=False)
+    clash = [output_dir / f"{s.case_id}.nii.gz" for s in studies
+             if (output_dir / f"{s.case_id}.nii.gz").exists()]
+    if clash:
+        raise EvaluationError(f"{output_dir} already holds {len(clash)} of the masks to write "
+                              f"(e.g. {clash[0].name}); nothing is overwritten: choose an empty "
+                              "--output_dir")
     model = load_run_model(run_dir, cfg, checkpoint, device)
     amp_dtype = runtime.resolve_amp(cfg.amp, device)
     threshold, _ = _threshold(run_dir, cfg, model, settings, amp_dtype)
@@ -294,13 +465,51 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
                               context_slices=cfg.context_slices)  # (X, Y, Z)
         pred = prob > threshold
         if post["min_component_ml"] > 0 or post["suv_floor"] > 0:
-            suv, _, _ = _study_volumes(cached, cfg.suv_max)
+            suv, _, _ = study_volumes(cached, cfg.suv_max)
             pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
         path = output_dir / f"{cached.case_id}.nii.gz"
         save_mask_nifti(pred, np.asarray(cached.affine), path)
         written.append(path)
     log.info("%d masks written to %s", len(written), output_dir)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export
+
+
+def export_run_onnx(run_dir: str | os.PathLike, path: str | os.PathLike, *,
+                    checkpoint: str = "best", n_check_slices: int = 16) -> tuple[Path, float]:
+    """Export the run's model (eval mode: lesion logits, dynamic batch) to ONNX, then run the
+    file with ONNX Runtime on slices of the run's test studies and return the largest absolute
+    logit difference to PyTorch. Returns (path, max |difference|)."""
+    import export
+
+    run_dir = Path(run_dir)
+    cfg = config.load_config(run_dir / "config.json")
+    model = load_run_model(run_dir, cfg, checkpoint, torch.device("cpu")).eval()
+    written = export.export_onnx(model, path, in_channels=cfg.in_channels, img_size=cfg.img_size)
+    inputs = _test_slices(run_dir, cfg, n_check_slices)
+    return written, export.check_onnx(written, model, inputs)
+
+
+def _test_slices(run_dir: Path, cfg: config.Config, n: int) -> torch.Tensor:
+    """(n, C, S, S) model inputs from the run's test studies (tumour slices first), exactly as
+    inference builds them."""
+    from data import to_model_grid
+    from inference import context_indices
+
+    slices = []
+    for cached in run_studies(run_dir, cfg):
+        image = cached.image()  # (Z, 2, X, Y)
+        zs = list(cached.fg_slices) + [image.shape[0] // 2]
+        index = context_indices(image.shape[0], cfg.context_slices)
+        for z in zs[:max(1, n // 4)]:
+            x = np.asarray(image[index[z]], np.float32).reshape(1, -1, *image.shape[2:])
+            slices.append(to_model_grid(torch.from_numpy(x), cfg.img_size))
+        if len(slices) >= n:
+            break
+    return torch.cat(slices[:n])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,39 +524,64 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a run or predict masks for new "
-                                                 "studies (see the module docstring).")
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a run, predict masks for new studies "
+                                                 "or export the model (see the module docstring).")
     parser.add_argument("--run_dir", required=True, help="runs/<name>, written by main.py")
     parser.add_argument("--data_dir", default=None, help="evaluate every labelled study here")
+    parser.add_argument("--allow_seen", type=_parse_bool, default=False,
+                        help="score studies of --data_dir the run trained on (labelled as seen)")
     parser.add_argument("--predict_dir", default=None, help="predict masks for these studies")
     parser.add_argument("--output_dir", default=None, help="where --predict_dir masks go")
+    parser.add_argument("--export_onnx", default=None, help="write the model as ONNX here")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     parser.add_argument("--tta", type=_parse_bool, default=None, help="flip TTA (config default)")
+    parser.add_argument("--threshold", type=float, default=None, help="probability threshold")
+    parser.add_argument("--suv_floor", type=float, default=None, help="post-processing")
+    parser.add_argument("--min_component_ml", type=float, default=None, help="post-processing")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (config default)")
     args = parser.parse_args(argv)
+    if args.predict_dir is not None and args.data_dir is not None:
+        raise EvaluationError("--predict_dir (masks for new studies) and --data_dir (evaluate a "
+                              "labelled folder) do different things; give one of them")
+    if args.predict_dir is not None and args.output_dir is None:
+        raise EvaluationError("--predict_dir needs --output_dir=<folder for the masks>")
+    if args.output_dir is not None and args.predict_dir is None:
+        raise EvaluationError("--output_dir is where --predict_dir writes masks; evaluations go "
+                              "to the run directory's eval*/ folders")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise EvaluationError(f"--threshold={args.threshold} must lie in (0, 1)")
+    for key in ("suv_floor", "min_component_ml"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            raise EvaluationError(f"--{key}={getattr(args, key)} must be >= 0")
+    return args
+
+
+def main(argv: Sequence[str]) -> None:
+    args = _parse_args(argv)
+    post = {k: getattr(args, k) for k in ("suv_floor", "min_component_ml")
+            if getattr(args, k) is not None} or None
+    common = dict(checkpoint=args.checkpoint, tta=args.tta, postprocess=post,
+                  threshold=args.threshold, device=args.device)
+    if args.export_onnx is not None:
+        path, diff = export_run_onnx(args.run_dir, args.export_onnx, checkpoint=args.checkpoint)
+        print(f"ONNX model written to {path}; max |logit difference| to PyTorch on the run's "
+              f"test slices (ONNX Runtime, CPU): {diff:.3g}")
+        return
     if args.predict_dir is not None:
-        if args.output_dir is None:
-            raise EvaluationError("--predict_dir needs --output_dir=<folder for the masks>")
-        written = predict_dir(args.run_dir, args.predict_dir, args.output_dir,
-                              checkpoint=args.checkpoint, tta=args.tta, device=args.device)
+        written = predict_dir(args.run_dir, args.predict_dir, args.output_dir, **common)
         print(f"{len(written)} masks written to {args.output_dir}")
         return
-    summary = evaluate(args.run_dir, data_dir=args.data_dir, checkpoint=args.checkpoint,
-                       tta=args.tta, device=args.device)
+    summary = evaluate(args.run_dir, data_dir=args.data_dir, allow_seen=args.allow_seen, **common)
     print(format_summary(summary))
     if "postprocessed" in summary:
         print("\nafter post-processing:\n" + format_summary(summary["postprocessed"]))
-    print(f"written to {Path(args.run_dir) / 'eval'}")
+    note = {"new": "written to", "reproduced": "identical to the evaluation already in",
+            "differs": "DIFFERS from the earlier evaluation; written beside it to"}
+    print(f"{note[summary['status']]} {summary['output_dir']}")
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # runtime handles every class marked `user_error = True` (models.WeightsError included);
-    # the three named here are caught explicitly as well, whatever their marking.
-    with runtime.exit_on_user_error():
-        try:
-            main(sys.argv[1:])
-        except (EvaluationError, data.DataError, config.ConfigError) as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            sys.exit(runtime.EXIT_USER_ERROR)
+    with runtime.exit_on_user_error():  # every class marked user_error = True: one line, exit 2
+        main(sys.argv[1:])

@@ -78,6 +78,13 @@ class CachedStudy:
     max_organ_label: int = 0
     suv_max: float | None = None
     content_hash: str | None = None  # blake2b of the cached arrays' bytes (None: older caches)
+    ref: dict | None = None  # the StudyRef it was read from (None for an in-memory Study)
+
+    def study_ref(self) -> StudyRef | None:
+        """The StudyRef this study was read from, to read its original files again."""
+        return None if self.ref is None else StudyRef(
+            self.ref["case_id"], self.ref["patient_id"], self.ref["layout"],
+            dict(self.ref["paths"]), dict(self.ref.get("series_uids", {})))
 
     def image(self) -> np.ndarray:
         """Read-only memory map, float16 (Z, 2, X, Y): channel 0 CT, channel 1 SUV, in [-1, 1]."""
@@ -115,7 +122,7 @@ def load_cached(directory: str | os.PathLike) -> CachedStudy:
             fg_slices=list(meta["fg_slices"]), directory=str(directory),
             has_organs=bool(meta.get("has_organs", False)),
             max_organ_label=int(meta.get("max_organ_label", 0)), suv_max=meta.get("suv_max"),
-            content_hash=meta.get("content_hash"))
+            content_hash=meta.get("content_hash"), ref=meta.get("ref"))
     except FileNotFoundError:
         raise DataError(f"no cached study at {directory} (missing meta.json); run "
                         f"prepare_cache again or point to the right cache_dir") from None
@@ -194,6 +201,10 @@ def _cache_one(item: StudyRef | Study, root: Path, ct_window: tuple[float, float
     try:
         meta = _write_study(study, tmp, ct_window, suv_max)
         meta["fingerprint"] = fingerprint
+        if isinstance(item, StudyRef):
+            meta["ref"] = {"case_id": item.case_id, "patient_id": item.patient_id,
+                           "layout": item.layout, "paths": dict(item.paths),
+                           "series_uids": dict(item.series_uids)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         _replace_dir(tmp, final)
     finally:

@@ -12,13 +12,15 @@ Config).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import CachedStudy, prepare_cache
+from .cache import CachedStudy, load_cached, prepare_cache
 from .io import find_studies
 from .split import split_cases
+from .study import DataError
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,71 @@ def prepare_data(*, data_dir: str | os.PathLike | None, cache_dir: str | os.Path
     split = split_cases(studies, n_val=n_val, n_test=n_test, seed=split_seed, n_folds=n_folds,
                         fold=fold)
     return Manifest(str(Path(data_dir).absolute()), studies, split)
+
+
+# ---- the record a run keeps of its data (run_dir/cases.json) --------------------------------
+
+MANIFEST_FORMAT = 2
+
+
+def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
+    """Write what the run used: the data folder and, per study, its cache folder, source and the
+    hash of its cached bytes (atomically: temporary file + rename)."""
+    path = Path(path)
+    doc = {"format": MANIFEST_FORMAT, "data_dir": manifest.data_dir,
+           "studies": [{"case_id": s.case_id, "patient_id": s.patient_id, "source": s.source,
+                        "directory": s.directory, "content_hash": s.content_hash,
+                        "has_tumor": s.has_tumor} for s in manifest.studies]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """cases.json of a run -> {"data_dir", "studies": [record, ...]}. Runs written before content
+    hashes were recorded kept a plain list of cache folders: those come back with
+    content_hash None (nothing to verify against)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; it is written by main.py. Pass --data_dir=<labelled "
+                        "studies> to evaluate on a folder") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); restore it from a copy") from None
+    if isinstance(doc, list):  # the first format: cache folders only
+        studies = []
+        for directory in doc:
+            cached = load_cached(directory)
+            studies.append({"case_id": cached.case_id, "patient_id": cached.patient_id,
+                            "source": cached.source, "directory": directory,
+                            "content_hash": None, "has_tumor": cached.has_tumor})
+        return {"format": 1, "data_dir": None, "studies": studies}
+    return doc
+
+
+def check_same_data(recorded: dict, current: list[CachedStudy], case_ids: list[str],
+                    what: str) -> list[CachedStudy]:
+    """The current cached studies of `case_ids`, refusing any that differs from what the run
+    recorded (a missing study, another source, other cached bytes). Raises one DataError that
+    lists every difference; records without a hash (old runs) are taken as they are."""
+    by_id = {s.case_id: s for s in current}
+    recorded_by_id = {r["case_id"]: r for r in recorded["studies"]}
+    out, problems = [], []
+    for case in case_ids:
+        record, now = recorded_by_id.get(case), by_id.get(case)
+        if now is None:
+            problems.append(f"{case}: no longer in the data ({record and record['source']})")
+        elif record is None:
+            problems.append(f"{case}: not in the run's cases.json")
+        elif record["content_hash"] and record["content_hash"] != now.content_hash:
+            problems.append(f"{case}: its data changed since the run (source {now.source}; "
+                            f"cached bytes {now.content_hash} instead of {record['content_hash']})")
+        else:
+            out.append(now)
+    if problems:
+        lines = "\n  ".join(problems[:20])
+        raise DataError(f"the {what} studies differ from those the run recorded in cases.json:\n  "
+                        f"{lines}\nevaluate what is there now with --data_dir=<folder>, or "
+                        "restore the data the run used")
+    return out

@@ -20,11 +20,11 @@ def test_defaults_are_the_cpu_preset():
 
 
 def test_precedence_defaults_preset_cli():
-    assert parse_cli(["--preset=paper"]).model == "transunet_r50_vit_b16"
-    cfg = parse_cli(["--preset=paper", "--model=unet_resnet34", "--lr=3e-4"])
+    assert parse_cli(["--preset=paper", "--pretrained=none"]).model == "transunet_r50_vit_b16"
+    cfg = parse_cli(["--preset=paper", "--pretrained=none", "--model=unet_resnet34", "--lr=3e-4"])
     assert cfg.model == "unet_resnet34" and cfg.lr == 3e-4 and cfg.optimizer == "sgd"
     # the order of arguments does not matter: the preset is applied first
-    assert parse_cli(["--lr=3e-4", "--preset=paper"]).lr == 3e-4
+    assert parse_cli(["--lr=3e-4", "--preset=paper", "--pretrained=none"]).lr == 3e-4
 
 
 def test_value_types():
@@ -59,7 +59,39 @@ def test_frozen():
 
 def test_every_preset_builds():
     for name in PRESETS:
-        assert make_config({"preset": name}).preset == name
+        extra = {"pretrained": "none"} if name == "paper" else {}
+        assert make_config({"preset": name, **extra}).preset == name
+
+
+def test_paper_preset_needs_weights_or_an_explicit_none(tmp_path):
+    with pytest.raises(ConfigError, match="--pretrained=none"):
+        parse_cli(["--preset=paper"])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_cli(["--preset=paper", f"--pretrained={tmp_path / 'R50+ViT-B_16.npz'}"])
+    (tmp_path / "R50+ViT-B_16.npz").write_bytes(b"")
+    assert parse_cli(["--preset=paper", f"--pretrained={tmp_path / 'R50+ViT-B_16.npz'}"])
+
+
+@pytest.mark.parametrize("arg, key", [
+    ("--threshold=1.5", "threshold"), ("--threshold=0", "threshold"), ("--lr=-1", "lr"),
+    ("--lr=0", "lr"), ("--w_dice=-1", "w_dice"), ("--val_every=0", "val_every"),
+    ("--eval_batch_size=0", "eval_batch_size"), ("--n_skip=7", "n_skip"),
+    ("--loss_reduction=mean", "loss_reduction"), ("--epochs=0", "epochs"),
+    ("--batch_size=0", "batch_size"), ("--fg_fraction=1.5", "fg_fraction"),
+    ("--momentum=1", "momentum"), ("--suv_max=0", "suv_max"), ("--phantom_size=huge", "phantom_size"),
+    ("--tversky_gamma=0", "tversky_gamma"), ("--bce_pos_weight=-2", "bce_pos_weight"),
+    ("--p_misalign=2", "p_misalign"), ("--aux_target=liver", "aux_target"),
+    ("--n_folds=1", "n_folds"), ("--n_val=-1", "n_val"), ("--warmup_steps=600", "warmup_steps"),
+    ("--n_test=60", "n_test"), ("--ct_channel=1", "ct_channel"),
+])
+def test_bad_values_are_refused_naming_the_key(arg, key):
+    with pytest.raises(ConfigError, match=f"--{key}"):
+        parse_cli([arg])
+
+
+def test_all_loss_weights_zero_is_refused():
+    with pytest.raises(ConfigError, match="all 0"):
+        parse_cli(["--w_bce=0", "--w_tversky=0", "--w_dice=0"])
 
 
 def test_save_load_round_trip(tmp_path):

@@ -160,28 +160,31 @@ def test_cli_user_errors_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run_dir(tmp_path_factory):
     """A run directory as main.py writes it (config.json, split.json, cases.json, a
-    checkpoint), built directly from the data package, with a one-layer conv model."""
+    checkpoint), built directly from the data package, with a one-layer conv model: studies
+    0-1 of the phantom "trained" on (train / val), 2-4 the test studies."""
     import config
-    import data
+    from data.prepare import Manifest, prepare_data, save_manifest
     from data.phantom import generate
     from data.split import save_split
 
     base = tmp_path_factory.mktemp("evalrun")
-    generate(base / "phantom", 4, size="unit", seed=0, progress=False)
+    generate(base / "phantom", 5, size="unit", seed=0, progress=False)
     cfg = config.make_config({"preset": "tiny", "cache_dir": str(base / "cache"),
                               "data_dir": str(base / "phantom"), "min_component_ml": 0.05,
-                              "n_bootstrap": 20})
-    refs = data.find_studies(base / "phantom")
-    studies = data.prepare_cache(refs, base / "cache" / "studies", progress=False)
+                              "n_bootstrap": 20, "n_val": 1, "n_test": 1})
+    manifest = prepare_data(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, n_val=1, n_test=1)
+    ids = sorted(s.case_id for s in manifest.studies)
+    split = {"train": ids[:1], "val": ids[1:2], "test": ids[2:]}
     run_dir = base / "runs" / "tiny"
-    split = {"train": [], "val": [], "test": sorted(s.case_id for s in studies)[:3]}
     (run_dir / "checkpoints").mkdir(parents=True)
     config.save_config(cfg, run_dir / "config.json")
     save_split(split, run_dir / "split.json")
-    (run_dir / "cases.json").write_text(__import__("json").dumps([s.directory for s in studies]))
+    save_manifest(Manifest(manifest.data_dir, manifest.studies, split), run_dir / "cases.json")
     model = PetThreshold()
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()},
                run_dir / "checkpoints" / "best.pt")
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()},
+               run_dir / "checkpoints" / "last.pt")
     return run_dir, base
 
 
@@ -219,35 +222,38 @@ def test_evaluate_writes_the_run_contract(tiny_run_dir, toy_models):
     assert [r["case_id"] for r in rows] == test_ids
     assert summary["n_studies"] == 3 and "postprocessed" in summary
     assert json.loads((run_dir / "eval" / "summary.json").read_text())["n_studies"] == 3
+    recorded = {r["case_id"]: r for r in json.loads((run_dir / "cases.json").read_text())["studies"]}
     for case_id in test_ids:
-        cached = [s for s in map(__import__("data").cache.load_cached,
-                                 json.loads((run_dir / "cases.json").read_text()))
-                  if s.case_id == case_id][0]
+        cached = __import__("data").cache.load_cached(recorded[case_id]["directory"])
         image = nib.load(run_dir / "eval" / "predictions" / f"{case_id}.nii.gz")
         assert image.shape == tuple(cached.shape)
         np.testing.assert_allclose(image.affine, np.asarray(cached.affine), atol=1e-5)
         assert (run_dir / "eval" / "overlays" / f"{case_id}.png").is_file()
     assert rows[0]["mask_from"] == "original"
-    # the same run evaluated twice gives the same file
-    before = (run_dir / "eval" / "per_case.csv").read_text()
-    evaluation.evaluate(run_dir, progress=False)
-    assert (run_dir / "eval" / "per_case.csv").read_text() == before
+    assert (run_dir / "eval" / "report.html").is_file() and (run_dir / "eval" / "lesions.csv").is_file()
+    # the same run evaluated twice: the same numbers, reported as reproduced, nothing rewritten
+    before = (run_dir / "eval" / "per_case.csv").stat().st_mtime_ns
+    again = evaluation.evaluate(run_dir, progress=False)
+    assert again["status"] == "reproduced" and again["output_dir"] == str(run_dir / "eval")
+    assert (run_dir / "eval" / "per_case.csv").stat().st_mtime_ns == before
 
 
 def test_predict_dir_never_writes_into_input(tiny_run_dir, toy_models, tmp_path):
     run_dir, base = tiny_run_dir
     before = sorted(p for p in (base / "phantom").rglob("*"))
     written = evaluation.predict_dir(run_dir, base / "phantom", tmp_path / "masks", progress=False)
-    assert len(written) == 4 and all(p.parent == tmp_path / "masks" for p in written)
+    assert len(written) == 5 and all(p.parent == tmp_path / "masks" for p in written)
     assert sorted(p for p in (base / "phantom").rglob("*")) == before
     with pytest.raises(evaluation.EvaluationError, match="inside"):
         evaluation.predict_dir(run_dir, base / "phantom", base / "phantom" / "out")
+    with pytest.raises(evaluation.EvaluationError, match="nothing is overwritten"):
+        evaluation.predict_dir(run_dir, base / "phantom", tmp_path / "masks", progress=False)
 
 
 def test_evaluate_missing_checkpoint_is_a_user_error(tiny_run_dir, toy_models):
     run_dir, _ = tiny_run_dir
-    with pytest.raises(checkpoint.CheckpointError, match="last.pt"):
-        evaluation.evaluate(run_dir, checkpoint="last", progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="nope.pt"):
+        evaluation.evaluate(run_dir, checkpoint="nope", progress=False)
 
 
 class PetLogit(torch.nn.Module):
@@ -261,7 +267,7 @@ def test_choose_threshold_maximises_pooled_validation_dice(monkeypatch):
     studies = [random_study(x=16, y=16, seed=s) for s in range(3)]  # no resizing at img_size 16
     # the reference of each study: PET (cache channel 1) > 0.3, in (X, Y, Z)
     refs = {id(s): np.moveaxis(s.image()[:, 1].astype(np.float32) > 0.3, 0, -1) for s in studies}
-    monkeypatch.setattr(evaluation, "_study_volumes",
+    monkeypatch.setattr(evaluation, "study_volumes",
                         lambda cached, suv_max: (None, refs[id(cached)], "original"))
     threshold, curve = evaluation.choose_threshold(
         PetLogit(), studies, img_size=16, batch_size=4, device=torch.device("cpu"), amp_dtype=None,
@@ -269,3 +275,142 @@ def test_choose_threshold_maximises_pooled_validation_dice(monkeypatch):
     # prob > t  <=>  PET > logit(t) / 10; the reference is PET > 0.3, i.e. t = sigmoid(3) = 0.953
     assert threshold == 0.95 and curve["0.95"] == max(curve.values())
     assert curve["0.05"] < curve["0.50"] < curve["0.95"]
+
+
+# ---- trustworthy evaluations ------------------------------------------------------------------
+
+def test_known_prediction_gives_known_metrics(tiny_run_dir, toy_models):
+    """PetThreshold predicts 'cached PET channel > -0.7' (SUV > 3): the per-study metrics must be
+    the ones computed here by hand from that mask and the study's own SEG file."""
+    import csv
+    import json
+
+    from scipy import ndimage
+
+    run_dir, base = tiny_run_dir
+    summary = evaluation.evaluate(run_dir, progress=False)
+    rows = {r["case_id"]: r for r in csv.DictReader(open(Path(summary["output_dir"]) / "per_case.csv"))}
+    recorded = {r["case_id"]: r for r in json.loads((run_dir / "cases.json").read_text())["studies"]}
+    checked_tumour = 0
+    for case_id, row in rows.items():
+        cached = __import__("data").cache.load_cached(recorded[case_id]["directory"])
+        pred = np.moveaxis(np.asarray(cached.image()[:, 1], np.float32) > -0.7, 0, -1)
+        ref = np.asarray(nib.load(Path(cached.source) / "SEG.nii.gz").dataobj) > 0
+        voxel_ml = float(np.prod(cached.spacing)) / 1000
+        labels, n = ndimage.label(pred, structure=ndimage.generate_binary_structure(3, 2))
+        untouched = [k for k in range(1, n + 1) if not ref[labels == k].any()]
+        fpv = sum(int((labels == k).sum()) for k in untouched) * voxel_ml
+        assert float(row["fpv_ml"]) == pytest.approx(fpv, rel=1e-9), case_id
+        assert float(row["pred_volume_ml"]) == pytest.approx(pred.sum() * voxel_ml)
+        if ref.any():
+            checked_tumour += 1
+            dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+            assert float(row["dice"]) == pytest.approx(dice, rel=1e-9), case_id
+            assert float(row["sensitivity"]) == pytest.approx((pred & ref).sum() / ref.sum())
+        else:
+            assert row["dice"] == "nan"
+    assert checked_tumour >= 1 and len(rows) == 3
+
+
+def test_variants_get_their_own_folders_and_never_overwrite(tiny_run_dir, toy_models):
+    run_dir, _ = tiny_run_dir
+    first = evaluation.evaluate(run_dir, checkpoint="last", progress=False)
+    assert Path(first["output_dir"]).name == "eval-last"
+    tta = evaluation.evaluate(run_dir, tta=True, progress=False)
+    assert Path(tta["output_dir"]).name == "eval-tta"
+    floor = evaluation.evaluate(run_dir, postprocess={"suv_floor": 1.5}, progress=False)
+    assert Path(floor["output_dir"]).name == "eval-pp-floor1.5-min0.05"
+    # an earlier evaluation that no longer matches (here: edited) is kept, the new one goes beside it
+    csv_path = run_dir / "eval-last" / "per_case.csv"
+    edited = csv_path.read_text().replace("case_id", "case_id ", 1)
+    csv_path.write_text(edited)
+    (run_dir / "eval-last" / "stale.png").write_bytes(b"old")
+    again = evaluation.evaluate(run_dir, checkpoint="last", progress=False)
+    assert again["status"] == "differs" and Path(again["output_dir"]).name == "eval-last-2"
+    assert csv_path.read_text() == edited  # untouched
+    assert not (run_dir / "eval-last-2" / "stale.png").exists()  # a fresh folder: nothing stale
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name or "-tmp-" in p.name]
+
+
+def test_run_studies_must_be_the_recorded_data(tiny_run_dir, toy_models, tmp_path):
+    import json
+    import shutil
+
+    run_dir, _ = tiny_run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    doc = json.loads((copy / "cases.json").read_text())
+    test_id = json.loads((copy / "split.json").read_text())["test"][0]
+    for record in doc["studies"]:
+        if record["case_id"] == test_id:
+            record["content_hash"] = "0" * 32  # as if the run had seen other bytes
+    (copy / "cases.json").write_text(json.dumps(doc))
+    before = sorted(p.name for p in copy.iterdir())
+    with pytest.raises(__import__("data").DataError, match=f"{test_id}: its data changed"):
+        evaluation.evaluate(copy, progress=False)
+    assert sorted(p.name for p in copy.iterdir()) == before  # nothing written
+
+
+def test_data_dir_with_the_runs_training_studies_is_refused_or_labelled(tiny_run_dir, toy_models):
+    import csv
+
+    run_dir, base = tiny_run_dir
+    with pytest.raises(evaluation.EvaluationError, match="trained or validated on"):
+        evaluation.evaluate(run_dir, data_dir=str(base / "phantom"), progress=False)
+    summary = evaluation.evaluate(run_dir, data_dir=str(base / "phantom"), allow_seen=True,
+                                  progress=False)
+    assert Path(summary["output_dir"]).name.endswith("-seen")
+    rows = list(csv.DictReader(open(Path(summary["output_dir"]) / "per_case.csv")))
+    assert sorted(r["seen_in_run"] for r in rows) == ["", "", "", "train", "val"]
+    assert summary["seen_in_run"]["n_studies"] == 2
+
+
+class Overflow(torch.nn.Module):
+    """Logits that overflow (inf) in one slice and are NaN in another."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        out = x[:, 1:2].clone()
+        out[0] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_nonfinite_logits_are_an_error_naming_the_study(value):
+    study = random_study()
+    study.case_id = "PETCT_overflow"
+    with pytest.raises(inference.NonFiniteError, match="PETCT_overflow"):
+        inference.predict_volume(Overflow(value), study, img_size=16, device="cpu")
+
+
+def test_inference_runs_under_the_training_autocast_dtype():
+    class Probe(torch.nn.Module):
+        seen = []
+
+        def forward(self, x):
+            self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return x[:, 1:2]
+
+    probe = Probe()
+    inference.predict_volume(probe, random_study(), img_size=16, device="cpu",
+                             amp_dtype=torch.bfloat16)
+    assert probe.seen and all(s == (True, torch.bfloat16) for s in probe.seen)
+    probe.seen.clear()
+    inference.predict_volume(probe, random_study(), img_size=16, device="cpu", amp_dtype=None)
+    assert probe.seen and not any(enabled for enabled, _ in probe.seen)
+
+
+def test_cuda_evaluation_resolves_the_dtype_training_used(monkeypatch):
+    """Training and evaluation share runtime.resolve_amp: bf16 where the GPU has it (an older
+    evaluation used fp16 autocast there whatever training used)."""
+    import runtime
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.resolve_amp("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert runtime.resolve_amp("auto", cuda) == torch.float16
+    assert runtime.resolve_amp("auto", torch.device("cpu")) is None

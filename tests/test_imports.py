@@ -28,7 +28,7 @@ ALLOWED = {
     "metrics": set(),
     "quantification": set(),
     "pictures": {"metrics"},
-    "report": set(),
+    "report": {"quantification"},
     "checkpoint": set(),
     "runlog": set(),
     "runtime": {"config"},

@@ -315,7 +315,15 @@ def test_autocast_bfloat16_gives_float32():
         from_bf16 = fn(logits_bf16, t)
     assert inside.dtype == torch.float32 and inside.item() == ref.item()
     assert from_bf16.dtype == torch.float32
-    assert from_bf16.item() == pytest.approx(fn(logits_bf16.float(), t).item(), abs=0)
+    # computed in float32 from the bf16 logits: equal to a float64 hand computation on the same
+    # rounded logits to float32 precision (a bf16 computation would be ~1e-2 off)
+    bce = CombinedLoss(w_bce=1.0, w_tversky=0.0, w_dice=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bce(conv(x), t)
+    expected = F.binary_cross_entropy_with_logits(logits_bf16.double(), t.double())
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), abs=2e-6)
+    bf16_result = F.binary_cross_entropy_with_logits(logits_bf16, t.bfloat16())
+    assert abs(bf16_result.item() - expected.item()) > 2e-6  # the check can tell them apart
 
 
 def test_default_weighting_is_the_module_constant():
