@@ -329,6 +329,70 @@ def _ds_str(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
+def _apply_tags(ds, tags: dict | None) -> None:
+    """Override (value) or delete (None) attributes of a dataset."""
+    for key, value in (tags or {}).items():
+        if value is not None:
+            setattr(ds, key, value)
+        elif key in ds:
+            delattr(ds, key)
+
+
+def _pet_pixels(ds, plane: np.ndarray, *, units: str, decay_correction: str,
+                weight_kg: float | None, dose_bq: float, half_life_s: float,
+                injection_time: datetime, injection_tag: str, radiopharm_tags: dict | None) -> np.ndarray:
+    """The PET tags of one slice (per-slice RescaleSlope = slice max / 65535, SUV tags); returns
+    the stored uint16 pixels (rows, cols)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    slope = float(_ds_str(max(plane.max(), 1e-6) / 65535.0))
+    ds.RescaleSlope, ds.RescaleIntercept = _ds_str(slope), "0"
+    ds.PixelRepresentation = 0
+    ds.Units, ds.DecayCorrection, ds.CorrectedImage = units, decay_correction, ["ATTN", "DECY"]
+    if weight_kg is not None:
+        ds.PatientWeight = _ds_str(weight_kg)
+    item = Dataset()
+    item.RadionuclideTotalDose, item.RadionuclideHalfLife = _ds_str(dose_bq), _ds_str(half_life_s)
+    if injection_tag == "datetime":
+        item.RadiopharmaceuticalStartDateTime = injection_time.strftime("%Y%m%d%H%M%S.%f")
+    else:
+        item.RadiopharmaceuticalStartTime = injection_time.strftime("%H%M%S.%f")
+    _apply_tags(item, radiopharm_tags)
+    ds.RadiopharmaceuticalInformationSequence = Sequence([item])
+    return np.clip(np.rint(plane / slope), 0, 65535).astype(np.uint16)
+
+
+def _slice_dataset(path: Path, *, z: int, name: int, is_pet: bool, modality: str, shape: tuple,
+                   spacing: tuple, origin: tuple, patient_id: str, study_uid: str,
+                   series_uid: str, series_time: datetime):
+    """The header of slice z of a series: UIDs, dates, geometry, pixel format."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_uid = generate_uid(entropy_srcs=[series_uid, str(z)])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE if is_pet else CT_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series_uid, modality
+    ds.PatientID, ds.PatientName = patient_id, patient_id
+    ds.StudyDate, ds.StudyTime = series_time.strftime("%Y%m%d"), series_time.strftime("%H%M%S")
+    ds.SeriesDate, ds.SeriesTime = ds.StudyDate, ds.StudyTime
+    ds.AcquisitionDate, ds.AcquisitionTime = ds.StudyDate, ds.StudyTime
+    ds.SeriesNumber, ds.InstanceNumber = 2 if is_pet else 1, name + 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [_ds_str(origin[0]), _ds_str(origin[1]), _ds_str(origin[2] + z * spacing[2])]
+    ds.PixelSpacing = [_ds_str(spacing[1]), _ds_str(spacing[0])]  # [between rows (Y), between columns (X)]
+    ds.SliceThickness = _ds_str(spacing[2])
+    ds.Rows, ds.Columns = shape[1], shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    return ds
+
+
 def write_series(folder: str | os.PathLike, volume: np.ndarray, *, modality: str,
                  spacing: tuple[float, float, float], origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
                  patient_id: str = "PHANTOM", study_uid: str | None = None, series_uid: str | None = None,
@@ -351,9 +415,7 @@ def write_series(folder: str | os.PathLike, volume: np.ndarray, *, modality: str
     radiopharmaceutical item, e.g. {"PatientWeight": None}. UIDs are deterministic per
     (patient_id, series_time): give the CT and PET of one study the same series_time (or pass study_uid).
     """
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -365,55 +427,21 @@ def write_series(folder: str | os.PathLike, volume: np.ndarray, *, modality: str
     is_pet = modality == "PT"
     paths = []
     for z in range(n_z):
-        sop_uid = generate_uid(entropy_srcs=[series_uid, str(z)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE if is_pet else CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"IM{int(names[z]):04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop_uid
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series_uid, modality
-        ds.PatientID, ds.PatientName = patient_id, patient_id
-        ds.StudyDate, ds.StudyTime = series_time.strftime("%Y%m%d"), series_time.strftime("%H%M%S")
-        ds.SeriesDate, ds.SeriesTime = ds.StudyDate, ds.StudyTime
-        ds.AcquisitionDate, ds.AcquisitionTime = ds.StudyDate, ds.StudyTime
-        ds.SeriesNumber, ds.InstanceNumber = 2 if is_pet else 1, int(names[z]) + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [_ds_str(origin[0]), _ds_str(origin[1]), _ds_str(origin[2] + z * spacing[2])]
-        ds.PixelSpacing = [_ds_str(spacing[1]), _ds_str(spacing[0])]  # [between rows (Y), between columns (X)]
-        ds.SliceThickness = _ds_str(spacing[2])
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds = _slice_dataset(path, z=z, name=int(names[z]), is_pet=is_pet, modality=modality,
+                            shape=volume.shape, spacing=spacing, origin=origin,
+                            patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+                            series_time=series_time)
         plane = volume[:, :, z].T  # (rows, cols) = (Y, X)
         if is_pet:
-            slope = float(_ds_str(max(plane.max(), 1e-6) / 65535.0))
-            ds.RescaleSlope, ds.RescaleIntercept = _ds_str(slope), "0"
-            ds.PixelRepresentation, stored = 0, np.clip(np.rint(plane / slope), 0, 65535).astype(np.uint16)
-            ds.Units, ds.DecayCorrection, ds.CorrectedImage = units, decay_correction, ["ATTN", "DECY"]
-            if weight_kg is not None:
-                ds.PatientWeight = _ds_str(weight_kg)
-            item = Dataset()
-            item.RadionuclideTotalDose, item.RadionuclideHalfLife = _ds_str(dose_bq), _ds_str(half_life_s)
-            if injection_tag == "datetime":
-                item.RadiopharmaceuticalStartDateTime = injection_time.strftime("%Y%m%d%H%M%S.%f")
-            else:
-                item.RadiopharmaceuticalStartTime = injection_time.strftime("%H%M%S.%f")
-            for key, value in (radiopharm_tags or {}).items():
-                if value is not None:
-                    setattr(item, key, value)
-                elif key in item:
-                    delattr(item, key)
-            ds.RadiopharmaceuticalInformationSequence = Sequence([item])
+            stored = _pet_pixels(ds, plane, units=units, decay_correction=decay_correction,
+                                 weight_kg=weight_kg, dose_bq=dose_bq, half_life_s=half_life_s,
+                                 injection_time=injection_time, injection_tag=injection_tag,
+                                 radiopharm_tags=radiopharm_tags)
         else:
             ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
             ds.PixelRepresentation, stored = 1, np.clip(np.rint(plane + 1024), -32768, 32767).astype(np.int16)
-        for key, value in (tags or {}).items():
-            if value is not None:
-                setattr(ds, key, value)
-            elif key in ds:
-                delattr(ds, key)
+        _apply_tags(ds, tags)
         ds.PixelData = np.ascontiguousarray(stored).tobytes()
         ds.save_as(str(path), enforce_file_format=True)
         paths.append(path)

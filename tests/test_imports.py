@@ -186,3 +186,19 @@ def test_main_imports_without_side_effects():
     out = subprocess.run([sys.executable, "-c", "import main, test, training"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout == "", out.stderr
+
+
+def test_test_py_is_this_repos_not_the_standard_librarys():
+    import test
+
+    assert Path(test.__file__).resolve() == ROOT / "test.py"
+
+
+def test_the_suite_runs_from_another_folder(tmp_path):
+    """`python -m pytest <repo>/tests/...` from any folder (pyproject's pythonpath puts the repo
+    first, so `import config` and `import test` find the repo's modules)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(ROOT / "tests" / "test_config.py"),
+                          str(ROOT / "tests" / "test_imports.py") + "::test_test_py_is_this_repos_not_the_standard_librarys"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
