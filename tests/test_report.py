@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -195,6 +196,8 @@ def _browser_missing() -> str:
 @pytest.fixture(scope="module")
 def browser():
     missing = _browser_missing()
+    if missing and os.environ.get("REQUIRE_BROWSER") == "1":  # CI: a skip would hide a failure
+        pytest.fail(f"REQUIRE_BROWSER=1 but the browser test needs {missing}")
     if missing:
         pytest.skip(f"browser test needs {missing}: apt-get install -y chromium chromium-driver; "
                     f"pip install selenium")
