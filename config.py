@@ -124,6 +124,9 @@ class Config:
     tta: bool = False  # flip test-time augmentation
     min_component_ml: float = 0.0  # post-processing: drop predicted components smaller than this
     suv_floor: float = 0.0  # post-processing: drop predicted voxels with SUV below this
+    min_component_suvmax: float = 0.0  # post-processing: drop components whose SUVmax is below
+    tune_postprocess: bool = False  # choose threshold + the three post-processing settings on
+    # the validation studies (pooled Dice over metrics.POSTPROCESS_GRID; saved in summary.json)
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     save_overlays: bool = True
 
@@ -245,6 +248,7 @@ RANGES = {
     "tversky_fp_weight": (0.0, None, True, True), "tversky_fn_weight": (0.0, None, True, True),
     "tversky_gamma": (0.0, None, False, True), "bce_pos_weight": (0.0, None, False, True),
     "min_component_ml": (0.0, None, True, True), "suv_floor": (0.0, None, True, True),
+    "min_component_suvmax": (0.0, None, True, True),
     "uptake_suv": (0.0, None, False, True), "p_misalign": (0.0, 1.0, True, True),
 }
 

@@ -292,17 +292,76 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def postprocess_mask(mask: np.ndarray, *, spacing: Sequence[float], suv: Optional[np.ndarray] = None,
-                     suv_floor: float = 0.0, min_component_ml: float = 0.0) -> np.ndarray:
-    """Optional clean-up of a binary (X, Y, Z) prediction (docs/evaluation.md, post-processing):
-    drop voxels with SUV < suv_floor (needs `suv`), then drop 18-connected components smaller
-    than min_component_ml (volume = voxels * prod(spacing) / 1000). Zero settings disable."""
+                     suv_floor: float = 0.0, min_component_ml: float = 0.0,
+                     min_component_suvmax: float = 0.0) -> np.ndarray:
+    """Optional clean-up of a binary (X, Y, Z) prediction (docs/evaluation.md, "Post-processing"):
+    drop voxels with SUV < suv_floor (needs `suv`), then drop the 18-connected components smaller
+    than min_component_ml (volume = voxels * prod(spacing) / 1000) or whose highest SUV is below
+    min_component_suvmax (needs `suv`). Zero settings disable each step."""
     mask = np.asarray(mask, dtype=bool)
+    if (suv_floor > 0 or min_component_suvmax > 0) and suv is None:
+        raise ValueError("postprocess_mask: suv_floor / min_component_suvmax need the SUV volume")
     if suv_floor > 0:
         mask = mask & (suv >= suv_floor)
-    if min_component_ml > 0 and mask.any():
+    if (min_component_ml > 0 or min_component_suvmax > 0) and mask.any():
         labels, n = ndimage.label(mask, structure=CONNECTIVITY_18)
-        sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * (float(np.prod(spacing)) / 1000)
-        keep = sizes_ml >= min_component_ml
+        keep = np.ones(n + 1, bool)
+        if min_component_ml > 0:
+            sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * (float(np.prod(spacing)) / 1000)
+            keep &= sizes_ml >= min_component_ml
+        if min_component_suvmax > 0:
+            suvmax = np.full(n + 1, -np.inf)
+            np.maximum.at(suvmax, labels.ravel(), np.asarray(suv, np.float64).ravel())
+            keep &= suvmax >= min_component_suvmax
         keep[0] = False
         mask = keep[labels]
     return mask
+
+
+POSTPROCESS_GRID = {  # the candidates tune_postprocess tries on the validation studies
+    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "suv_floor": (0.0, 1.5, 2.5),
+    "min_component_ml": (0.0, 0.1, 0.3),
+    "min_component_suvmax": (0.0, 3.0, 4.0),
+}
+
+
+def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
+                       spacing: Sequence[float], grid: dict = POSTPROCESS_GRID) -> np.ndarray:
+    """Voxel counts (TP, FP, FN) of one study for every combination of the grid, shape
+    (n_threshold, n_floor, n_min_ml, n_min_suvmax, 3): what `choose_postprocessing` sums.
+    Exactly what `postprocess_mask` would give (tested), with one component labelling per
+    (threshold, floor) instead of one per combination."""
+    ref = np.asarray(ref) > 0
+    suv = np.asarray(suv, np.float64)
+    n_ref, voxel_ml = int(ref.sum()), float(np.prod(spacing)) / 1000
+    counts = np.zeros((*(len(v) for v in grid.values()), 3), np.int64)
+    for i, threshold in enumerate(grid["threshold"]):
+        raw = np.asarray(prob) > threshold
+        for j, floor in enumerate(grid["suv_floor"]):
+            pred = raw & (suv >= floor) if floor > 0 else raw
+            labels, n = ndimage.label(pred, structure=CONNECTIVITY_18)
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            hits = np.bincount(labels[ref], minlength=n + 1)[1:]  # tumour voxels per component
+            suvmax = np.full(n + 1, -np.inf)
+            np.maximum.at(suvmax, labels.ravel(), suv.ravel())
+            for k, min_ml in enumerate(grid["min_component_ml"]):
+                for m, min_suvmax in enumerate(grid["min_component_suvmax"]):
+                    keep = (sizes * voxel_ml >= min_ml) & (suvmax[1:] >= min_suvmax)
+                    tp = int(hits[keep].sum())
+                    counts[i, j, k, m] = (tp, int(sizes[keep].sum()) - tp, n_ref - tp)
+    return counts
+
+
+def choose_postprocessing(counts: np.ndarray, grid: dict = POSTPROCESS_GRID) -> tuple[dict, float]:
+    """The grid combination with the highest pooled Dice 2 sum TP / (2 sum TP + sum FP + sum FN)
+    over the studies whose `postprocess_counts` were summed into `counts` (the VALIDATION
+    studies). The pooled Dice charges false positives on tumour-free studies, which a mean of
+    per-study Dice over tumour studies would not. Ties go to the stricter setting (the later
+    candidate of each axis, i.e. fewer false positives). Returns (settings, pooled Dice)."""
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    flat = np.flatnonzero(dice == dice.max())[-1]  # C order: the last tie is the strictest
+    index = np.unravel_index(flat, dice.shape)
+    chosen = {key: float(values[i]) for (key, values), i in zip(grid.items(), index)}
+    return chosen, float(dice[index])

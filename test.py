@@ -55,7 +55,8 @@ from data.geometry import save_mask_nifti
 from data.prepare import check_same_data, load_manifest
 from data.split import load_split
 from inference import predict_volume
-from metrics import case_metrics, format_summary, postprocess_mask, summarise_cohort
+from metrics import (POSTPROCESS_GRID, case_metrics, choose_postprocessing, format_summary,
+                     postprocess_counts, postprocess_mask, summarise_cohort)
 from pictures import overlay_png
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,10 @@ def folder_studies(run_dir: Path, cfg: config.Config, data_dir: str, allow_seen:
 def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dict],
               threshold: Optional[float], device: Optional[torch.device | str]) -> dict:
     post = {"min_component_ml": cfg.min_component_ml, "suv_floor": cfg.suv_floor,
-            **(postprocess or {})}
+            "min_component_suvmax": cfg.min_component_suvmax, **(postprocess or {})}
     return {"threshold": cfg.threshold if threshold is None else float(threshold),
             "tune_threshold": cfg.tune_threshold and threshold is None,
+            "tune_postprocess": cfg.tune_postprocess and threshold is None and not postprocess,
             "tta": cfg.tta if tta is None else bool(tta), "postprocess": post,
             "device": str(runtime.resolve_device(str(device or cfg.device)))}
 
@@ -213,8 +215,12 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
     if settings["threshold"] != cfg.threshold or settings["tune_threshold"] != cfg.tune_threshold:
         parts.append(f"thr{settings['threshold']:g}")
     post = settings["postprocess"]
-    if post["suv_floor"] != cfg.suv_floor or post["min_component_ml"] != cfg.min_component_ml:
-        parts.append(f"pp-floor{post['suv_floor']:g}-min{post['min_component_ml']:g}")
+    if (post["suv_floor"], post["min_component_ml"], post["min_component_suvmax"]) != \
+            (cfg.suv_floor, cfg.min_component_ml, cfg.min_component_suvmax) or \
+            settings["tune_postprocess"] != cfg.tune_postprocess:
+        parts.append(f"pp-floor{post['suv_floor']:g}-min{post['min_component_ml']:g}"
+                     + (f"-suvmax{post['min_component_suvmax']:g}"
+                        if post["min_component_suvmax"] else ""))
     if data_dir is not None:
         absolute = str(Path(data_dir).absolute())
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(absolute).name)[:40] or "data"
@@ -253,7 +259,11 @@ def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size
 
 def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
                amp_dtype: Optional[torch.dtype]) -> tuple[float, Optional[dict]]:
-    """The fixed threshold, or (tune_threshold) the one chosen on the run's validation studies."""
+    """The fixed threshold, or (tune_threshold) the one chosen on the run's validation studies,
+    or (tune_postprocess) threshold and post-processing chosen together there; the chosen
+    post-processing replaces settings["postprocess"]."""
+    if settings["tune_postprocess"]:
+        return _tune_postprocess(run_dir, cfg, model, settings, amp_dtype)
     if not settings["tune_threshold"]:
         return settings["threshold"], None
     studies = run_studies(run_dir, cfg, subset="val")
@@ -264,6 +274,27 @@ def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settin
     log.info("threshold %.2f chosen on %d validation studies (pooled Dice %.3f)", threshold,
              len(studies), curve[f"{threshold:.2f}"])
     return threshold, {"chosen": threshold, "n_val_studies": len(studies), "val_pooled_dice": curve}
+
+
+def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
+                      amp_dtype: Optional[torch.dtype]) -> tuple[float, dict]:
+    """Threshold, suv_floor, min_component_ml and min_component_suvmax chosen together on the
+    validation studies: the highest pooled Dice over metrics.POSTPROCESS_GRID."""
+    studies = run_studies(run_dir, cfg, subset="val")
+    counts = None
+    for cached in studies:
+        prob = predict_volume(model, cached, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
+                              device=torch.device(settings["device"]), amp_dtype=amp_dtype,
+                              tta=settings["tta"], context_slices=cfg.context_slices)
+        suv, ref, _ = study_volumes(cached, cfg.suv_max)
+        study_counts = postprocess_counts(prob, ref, suv, cached.spacing)
+        counts = study_counts if counts is None else counts + study_counts
+    chosen, dice = choose_postprocessing(counts)
+    settings["postprocess"] = {k: chosen[k] for k in ("suv_floor", "min_component_ml",
+                                                      "min_component_suvmax")}
+    log.info("chosen on %d validation studies (pooled Dice %.3f): %s", len(studies), dice, chosen)
+    return chosen["threshold"], {"chosen": chosen, "n_val_studies": len(studies),
+                                 "val_pooled_dice": dice, "grid": POSTPROCESS_GRID}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +310,7 @@ def _score_study(cached: Any, prob: np.ndarray, *, threshold: float, post: dict,
     row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing, lesions=True),
            "mask_from": origin}
     pp_row = None
-    if post["min_component_ml"] > 0 or post["suv_floor"] > 0:
+    if any(value > 0 for value in post.values()):
         pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
         pp_row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing, lesions=True)}
         row.update({f"pp_{k}": v for k, v in pp_row.items() if k in CSV_COLUMNS[2:]})
@@ -464,7 +495,7 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
                               device=device, amp_dtype=amp_dtype, tta=settings["tta"],
                               context_slices=cfg.context_slices)  # (X, Y, Z)
         pred = prob > threshold
-        if post["min_component_ml"] > 0 or post["suv_floor"] > 0:
+        if any(value > 0 for value in post.values()):
             suv, _, _ = study_volumes(cached, cfg.suv_max)
             pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
         path = output_dir / f"{cached.case_id}.nii.gz"
@@ -539,6 +570,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None, help="probability threshold")
     parser.add_argument("--suv_floor", type=float, default=None, help="post-processing")
     parser.add_argument("--min_component_ml", type=float, default=None, help="post-processing")
+    parser.add_argument("--min_component_suvmax", type=float, default=None, help="post-processing")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (config default)")
     args = parser.parse_args(argv)
     if args.predict_dir is not None and args.data_dir is not None:
@@ -551,7 +583,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                               "to the run directory's eval*/ folders")
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise EvaluationError(f"--threshold={args.threshold} must lie in (0, 1)")
-    for key in ("suv_floor", "min_component_ml"):
+    for key in ("suv_floor", "min_component_ml", "min_component_suvmax"):
         if getattr(args, key) is not None and getattr(args, key) < 0:
             raise EvaluationError(f"--{key}={getattr(args, key)} must be >= 0")
     return args
@@ -559,7 +591,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> None:
     args = _parse_args(argv)
-    post = {k: getattr(args, k) for k in ("suv_floor", "min_component_ml")
+    post = {k: getattr(args, k) for k in ("suv_floor", "min_component_ml", "min_component_suvmax")
             if getattr(args, k) is not None} or None
     common = dict(checkpoint=args.checkpoint, tta=args.tta, postprocess=post,
                   threshold=args.threshold, device=args.device)

@@ -414,3 +414,24 @@ def test_cuda_evaluation_resolves_the_dtype_training_used(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert runtime.resolve_amp("auto", cuda) == torch.float16
     assert runtime.resolve_amp("auto", torch.device("cpu")) is None
+
+
+def test_tune_postprocess_chooses_on_validation_and_applies_it(tiny_run_dir, toy_models, tmp_path):
+    import json
+    import shutil
+
+    run_dir, _ = tiny_run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval*"))
+    doc = json.loads((copy / "config.json").read_text())
+    doc["config"]["tune_postprocess"] = True
+    (copy / "config.json").write_text(json.dumps(doc))
+    summary = evaluation.evaluate(copy, progress=False)
+    chosen = summary["threshold_tuning"]["chosen"]
+    assert set(chosen) == {"threshold", "suv_floor", "min_component_ml", "min_component_suvmax"}
+    assert summary["threshold_tuning"]["n_val_studies"] == 1
+    assert summary["settings"]["threshold"] == chosen["threshold"]
+    assert summary["settings"]["postprocess"] == {k: chosen[k] for k in
+                                                  ("suv_floor", "min_component_ml",
+                                                   "min_component_suvmax")}
+    assert Path(summary["output_dir"]).name == "eval"  # the run's own setting

@@ -246,3 +246,51 @@ def test_summary_without_tumour_studies_is_nan_not_error():
     assert math.isnan(s["lesions"]["recall"])
     text = metrics.format_summary(s)
     assert "Dice" in text and "tumour-free" in text
+
+
+# ---- post-processing and its tuning on validation -------------------------------------------
+
+def test_postprocess_drops_components_below_an_suvmax():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1:3, 1:3, 1:3] = True  # SUVmax 5: kept
+    mask[6:8, 6:8, 6:8] = True  # SUVmax 2: dropped at min_component_suvmax=3
+    suv = np.full(mask.shape, 1.0)
+    suv[1, 1, 1], suv[6, 6, 6] = 5.0, 2.0
+    out = metrics.postprocess_mask(mask, spacing=(1, 1, 1), suv=suv, min_component_suvmax=3.0)
+    assert out[1:3, 1:3, 1:3].all() and not out[6:8, 6:8, 6:8].any()
+    with pytest.raises(ValueError, match="SUV"):
+        metrics.postprocess_mask(mask, spacing=(1, 1, 1), min_component_suvmax=3.0)
+
+
+def test_postprocess_counts_equal_postprocess_mask_for_every_combination():
+    rng = np.random.default_rng(0)
+    prob = rng.random((16, 14, 12))
+    suv = rng.uniform(0, 6, prob.shape)
+    ref = np.zeros(prob.shape, bool)
+    ref[3:7, 3:7, 3:7] = True
+    grid = {"threshold": (0.5, 0.8), "suv_floor": (0.0, 2.0), "min_component_ml": (0.0, 0.01),
+            "min_component_suvmax": (0.0, 5.0)}
+    counts = metrics.postprocess_counts(prob, ref, suv, (2.0, 2.0, 3.0), grid)
+    for i, thr in enumerate(grid["threshold"]):
+        for j, floor in enumerate(grid["suv_floor"]):
+            for k, min_ml in enumerate(grid["min_component_ml"]):
+                for m, min_suvmax in enumerate(grid["min_component_suvmax"]):
+                    pred = metrics.postprocess_mask(prob > thr, spacing=(2.0, 2.0, 3.0), suv=suv,
+                                                    suv_floor=floor, min_component_ml=min_ml,
+                                                    min_component_suvmax=min_suvmax)
+                    tp = (pred & ref).sum()
+                    assert list(counts[i, j, k, m]) == [tp, pred.sum() - tp, ref.sum() - tp]
+
+
+def test_choose_postprocessing_takes_the_best_pooled_dice_and_the_stricter_tie():
+    grid = {"threshold": (0.3, 0.5), "suv_floor": (0.0,), "min_component_ml": (0.0, 0.1),
+            "min_component_suvmax": (0.0,)}
+    counts = np.zeros((2, 1, 2, 1, 3), np.int64)
+    counts[0, 0, 0, 0] = (10, 30, 0)  # Dice 2 TP / (2 TP + FP + FN) = 20 / 50 = 0.4
+    counts[0, 0, 1, 0] = (10, 10, 0)  # 20 / 30 = 0.667
+    counts[1, 0, 0, 0] = (9, 9, 1)    # 18 / 28 = 0.643
+    counts[1, 0, 1, 0] = (10, 10, 0)  # 0.667, a tie with [0, 0, 1]: the stricter (later) wins
+    chosen, dice = metrics.choose_postprocessing(counts, grid)
+    assert dice == pytest.approx(2 / 3)
+    assert chosen == {"threshold": 0.5, "suv_floor": 0.0, "min_component_ml": 0.1,
+                      "min_component_suvmax": 0.0}
