@@ -79,13 +79,16 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load the model weights of a checkpoint (DDP / torch.compile prefixes removed) into
-    `model`; a missing file, a damaged file or weights of another model is a CheckpointError."""
+    """Load the weights a checkpoint is evaluated with into `model`: the moving average of the
+    weights when the run kept one (ema_decay > 0), else the model itself (DDP / torch.compile
+    prefixes removed). A missing file, a damaged file or weights of another model is a
+    CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} not found; train first (python main.py) or pick "
                               f"--checkpoint=best|last that exists in {path.parent}")
-    state = load_checkpoint(path)["model"]
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("ema_model", ckpt["model"])
     # DDP / torch.compile wrappers prefix the parameter names
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     try:

@@ -113,6 +113,8 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | True | False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    ema_decay: float = 0.0  # > 0: validation and evaluation use an exponential moving average
+    # of the weights (decay per step, warmed up as min(decay, (1 + t) / (10 + t)))
 
     # ---- validation / evaluation --------------------------------------------------------
     val_every: int = 1  # validate every N epochs on whole validation studies
@@ -250,6 +252,7 @@ RANGES = {
     "min_component_ml": (0.0, None, True, True), "suv_floor": (0.0, None, True, True),
     "min_component_suvmax": (0.0, None, True, True),
     "uptake_suv": (0.0, None, False, True), "p_misalign": (0.0, 1.0, True, True),
+    "ema_decay": (0.0, 1.0, True, False),
 }
 
 

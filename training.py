@@ -17,6 +17,7 @@ returns with `interrupted=True`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -76,6 +77,7 @@ class TrainSettings:
     max_nonfinite: int = 10
     seed: int = 0
     deterministic: bool = False
+    ema_decay: float = 0.0  # > 0: validate / evaluate an exponential moving average of the weights
     img_size: int = 128
     context_slices: int = 0
     eval_batch_size: int = 32  # validation: slices per forward pass
@@ -191,6 +193,32 @@ class Loop:
     nonfinite_run: int = 0
     stop_agreed: bool = False  # every rank saw the same decision (DDP all-reduce)
     validation: dict = field(default_factory=dict)  # predict_volume options
+    ema: nn.Module | None = None  # moving average of raw_model's weights (ema_decay > 0)
+    ema_decay: float = 0.0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation judges (and the best checkpoint keeps for evaluation)."""
+        return self.ema if self.ema is not None else self.raw_model
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Decay of the moving average after optimizer step `step` (1-based): min(decay,
+    (1 + step) / (10 + step)), so that the first steps are not dominated by the random
+    initialisation (the warm-up of timm's ModelEmaV2 / TensorFlow's ExponentialMovingAverage
+    with num_updates)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for floating-point parameters and buffers
+    (BatchNorm running statistics included); integer buffers are copied."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.mul_(decay).add_(m.detach(), alpha=1.0 - decay)
+        else:
+            e.copy_(m)
 
 
 def loss_parts(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor,
@@ -252,6 +280,8 @@ def train_step(loop: Loop, image: torch.Tensor, mask: torch.Tensor,
         return None
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
+    if loop.ema is not None:
+        update_ema(loop.ema, loop.raw_model, ema_decay_at(loop.step, loop.ema_decay))
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step()
     return dict(zip(parts, means))
@@ -276,7 +306,7 @@ def validate_study(loop: Loop, study: Any, threshold: float) -> dict:
     """Predict one whole 3-D study and count voxels against its mask (X, Y, Z)."""
     from inference import predict_volume
 
-    prob = predict_volume(loop.raw_model, study, device=loop.device, **loop.validation)  # (X, Y, Z)
+    prob = predict_volume(loop.eval_model, study, device=loop.device, **loop.validation)  # (X, Y, Z)
     pred = prob > threshold
     ref = np.moveaxis(np.asarray(study.mask()), 0, -1) > 0  # (Z, X, Y) -> (X, Y, Z)
     tp = int(np.count_nonzero(pred & ref))
@@ -438,6 +468,8 @@ def _restore(loop: Loop, ckpt: dict, path: Path, *, rank: int, world_size: int,
                                 f"{key}={now}; resume with the run's saved config (main.py --resume)")
     try:
         loop.raw_model.load_state_dict(ckpt["model"])
+        if loop.ema is not None:
+            loop.ema.load_state_dict(ckpt["ema_model"])
     except RuntimeError as exc:
         raise TrainingError(f"{path} holds weights of another model ({str(exc)[:300]}...); "
                             "resume with the run's saved config") from None
@@ -463,6 +495,7 @@ def _checkpoint_state(loop: Loop, state: LoopState, *, rng_states: list[dict], w
     inside, so `torch.load(path, weights_only=True)` reads it."""
     return {
         "model": loop.raw_model.state_dict(),  # unwrapped from DDP / torch.compile
+        **({"ema_model": loop.ema.state_dict()} if loop.ema is not None else {}),
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict(),
@@ -502,8 +535,13 @@ def build_loop(model: nn.Module, loss_fn: Callable, device: torch.device, stop: 
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     validation = dict(img_size=s.img_size, batch_size=s.eval_batch_size,
                       context_slices=s.context_slices, amp_dtype=amp_dtype)
+    ema = None
+    if s.ema_decay > 0:
+        ema = copy.deepcopy(raw_model).eval()
+        ema.requires_grad_(False)
     return Loop(net, raw_model, loss_fn, opt, scheduler, scaler, device, amp_dtype,
-                use_channels_last, s.grad_clip, s.max_nonfinite, stop, validation=validation)
+                use_channels_last, s.grad_clip, s.max_nonfinite, stop, validation=validation,
+                ema=ema, ema_decay=s.ema_decay)
 
 
 def _update_best(state: LoopState, record: dict, *, has_val: bool, validated: bool,

@@ -482,3 +482,34 @@ def test_training_learns(tmp_path):
                             settings=settings)
     assert untrained < 0.5
     assert result["best_score"] > 0.9, (untrained, result)
+
+
+def test_ema_update_by_hand():
+    model, ema = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(2.0), ema.weight.fill_(0.0), ema.bias.fill_(0.0)
+    training.update_ema(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((1, 2), 0.1)) and torch.allclose(ema.bias, torch.tensor([0.2]))
+    # warm-up: the first steps follow the model more closely than the final decay says
+    assert training.ema_decay_at(1, 0.999) == pytest.approx(2 / 11)
+    assert training.ema_decay_at(10_000, 0.999) == 0.999
+
+
+def test_ema_is_validated_saved_and_resumed_exactly(tmp_path):
+    reference = run(tmp_path / "ref", ema_decay=0.9)
+    a = load(tmp_path / "ref" / "checkpoints" / "last.pt")
+    assert "ema_model" in a
+    assert not all(torch.equal(a["ema_model"][k], a["model"][k]) for k in a["model"]
+                   if a["model"][k].dtype.is_floating_point)
+    stopped = run(tmp_path / "run", loss_fn=PartsLoss(send_sigterm_at(4)), ema_decay=0.9)
+    assert stopped["interrupted"]
+    resumed = run(tmp_path / "run", resume=True, model_seed=123, ema_decay=0.9)
+    b = load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert resumed["steps"] == reference["steps"]
+    for key in ("model", "ema_model", "optimizer"):
+        assert_same(a[key], b[key], key)
+    # evaluation loads the averaged weights
+    import checkpoint
+    net = TinyNet()
+    checkpoint.load_weights(net, tmp_path / "ref" / "checkpoints" / "last.pt")
+    assert all(torch.equal(v, a["ema_model"][k]) for k, v in net.state_dict().items())
