@@ -126,6 +126,9 @@ class Config:
     suv_floor: float = 0.0  # post-processing: drop predicted voxels with SUV below this
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     save_overlays: bool = True
+    # learning curves: after every validation also checkpoints/epoch_<k>.pt, the weights alone
+    # (bench/learning_curve.py evaluates each on the test studies)
+    keep_epoch_checkpoints: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
