@@ -129,7 +129,7 @@ LEVERS = {
     "corrected_combined": CORRECTED,
     "aux_organs": {**CORRECTED, **AUX_ORGANS},
     "aux_uptake": {**CORRECTED, **AUX_UPTAKE},
-    "more_studies_150": {**CORRECTED, "phantom_cases": 150},  # 90 training studies, not 40
+    "more_studies_150": {**CORRECTED, "phantom_cases": 150},  # 89 training studies, not 40
     "misalign": {**CORRECTED, "p_misalign": 0.1},
     "context_2.5d": {**CORRECTED, "context_slices": 1},
     "tune_threshold": {**CORRECTED, "tune_threshold": True},
@@ -145,8 +145,8 @@ HEADLINE_LONG = {
 }
 
 # test Dice against the number of training studies: the same n_val / n_test (budget), more
-# phantom studies (phantom_cases - n_val - n_test train; the split holds whole patients, so
-# the counts are read back from each run's split.json: column n_train). The split is not
+# phantom studies (phantom_cases - n_val - n_test train: 40, 60, 100, 200; the split holds whole
+# patients, so the counts are read back from split.json: column n_train). The split is not
 # nested: each size has its own 50 test studies of the same phantom distribution.
 DATA_SIZE = {f"phantom_{n}": {**CORRECTED, "phantom_cases": n} for n in (100, 120, 160, 260)}
 
