@@ -131,6 +131,9 @@ class Config:
     # the validation studies (pooled Dice over metrics.POSTPROCESS_GRID; saved in summary.json)
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     save_overlays: bool = True
+    # learning curves: after every validation also checkpoints/epoch_<k>.pt, the weights alone
+    # (bench/learning_curve.py evaluates each on the test studies)
+    keep_epoch_checkpoints: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,6 +3,9 @@ its own run directory, resumable (finished runs are skipped), collected into a l
 
     python sweep.py --grid=study --budget=cpu              # >= 23 configurations (hours on 2 CPU cores)
     python sweep.py --grid=headline --budget=cpu           # BCE vs published vs corrected, 3 seeds
+    python sweep.py --grid=levers --budget=cpu             # issue #13: one lever at a time
+    python sweep.py --grid=headline_long --budget=long     # the headline near convergence, 3 seeds
+    python sweep.py --grid=data_size --budget=cpu --plot_vs=n_train   # Dice vs training studies
     python sweep.py --grid=study --budget=gpu              # the same grid, longer training, on a GPU
     python sweep.py --grid=study --budget=cpu --collect_only   # rebuild results/ from finished runs
     python sweep.py --grid=study --budget=cpu --parallel=4     # 4 runs at a time (a GPU machine)
@@ -12,18 +15,27 @@ its own run directory, resumable (finished runs are skipped), collected into a l
         --runs_dir=results/h200/runs,results/cpu2core/runs      # one leaderboard, two machines
 
 Options (any other --key=value is a config.py setting applied to every run):
-    --grid=study|headline  --budget=cpu|gpu|smoke  --seeds=0,1,2  --only=NAME,NAME
+    --grid=study|headline|levers|headline_long|data_size  --budget=cpu|gpu|long|smoke
+    --seeds=0,1,2  --only=NAME,NAME
     --runs_dir=DIR[,DIR]   run directories go to DIR/<grid>-<budget>/<config>-s<seed>/; with several
                            DIRs (--collect_only) a run found in each gives one row per machine
     --results_dir=DIR      leaderboard goes to DIR/<grid>-<budget>/ (or exactly --out=DIR)
     --export=DIR           copy each collected run's evidence (config, split, metrics, log,
                            eval summary and per-case CSV; no weights) to DIR/<grid>-<budget>/
+    --plot_vs=COLUMN       also test_dice_vs_COLUMN.png: test Dice against a numeric
+                           leaderboard.csv column (n_train, phantom_cases), one line per machine
     --parallel=N  --collect_only  --dry_run
     --sync_readme          copy the results files into the README blocks that name them
 
-Writes `leaderboard.{csv,md,png}`: one CSV row per configuration, seed and machine; the table
-gives mean ± SD over seeds per configuration and machine, and paired differences against the
-published loss (same seed, same machine). Rules followed (docs/study.md): every configuration of
+Writes `leaderboard.{csv,md,png}`: one CSV row per configuration, seed and machine, with the
+commit each run trained at; the table gives mean ± SD over seeds per configuration and machine,
+and paired differences against the published loss (same seed, same machine). A run whose
+settings differ from its configuration's definition here gets a name that says how
+(`bce_posweight [tune_threshold=False]`), so runs of different settings are never averaged or
+paired together (NEUTRAL_SETTINGS lists what does not count). `paired_tests.{md,csv}`: for each
+(configuration, reference) of COMPARISONS, a paired test over the test studies (bootstrap CI of
+the mean difference, Wilcoxon signed-rank): Dice on tumour studies, FPV on tumour-free ones.
+Rules followed (docs/study.md): every configuration of
 a budget trains for the same number of optimiser steps with the same batch and schedule; the data
 split is fixed (`split_seed`), seeds change the initialisation and the sampling; test studies are
 never used to choose anything (checkpoints are chosen on validation studies).
@@ -33,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import math
 import re
@@ -105,8 +118,56 @@ STUDY = {
     "unet_mobilenet_v2": {**CORRECTED, "model": "unet_mobilenet_v2"},
 }
 
-GRIDS = {"study": STUDY, "headline": HEADLINE}
+# Issue #13: one lever at a time on top of the corrected combined loss (the reference, in the
+# grid so that every lever is paired with it on the same seeds and machine). `tune_threshold`
+# and `postprocess` change only the evaluation: they train the reference again (same seed),
+# which `python test.py --run_dir=<reference run> --suv_floor=...` would avoid.
+LEVER_SUV_FLOOR = 2.0  # postprocess: SUV below which predicted voxels are dropped (to be set)
+AUX_ORGANS = dict(aux_target="organs", w_aux=1.0, n_organ_classes=16)
+AUX_UPTAKE = dict(aux_target="uptake", w_aux=1.0, uptake_suv=2.5)
+LEVERS = {
+    "corrected_combined": CORRECTED,
+    "aux_organs": {**CORRECTED, **AUX_ORGANS},
+    "aux_uptake": {**CORRECTED, **AUX_UPTAKE},
+    "more_studies_150": {**CORRECTED, "phantom_cases": 150},  # 89 training studies, not 40
+    "misalign": {**CORRECTED, "p_misalign": 0.1},
+    "context_2.5d": {**CORRECTED, "context_slices": 1},
+    "tune_threshold": {**CORRECTED, "tune_threshold": True},
+    "postprocess": {**CORRECTED, "suv_floor": LEVER_SUV_FLOOR, "min_component_ml": 0.0},
+}
+
+# the headline comparisons near convergence (budget `long`): published vs corrected loss, and
+# the corrected loss with vs without the organ head
+HEADLINE_LONG = {
+    "published_combined": PUBLISHED,
+    "corrected_combined": CORRECTED,
+    "aux_organs": {**CORRECTED, **AUX_ORGANS},
+}
+
+# test Dice against the number of training studies: the same n_val / n_test (budget), more
+# phantom studies (phantom_cases - n_val - n_test train: 40, 60, 100, 200; the split holds whole
+# patients, so the counts are read back from split.json: column n_train). The split is not
+# nested: each size has its own 50 test studies of the same phantom distribution.
+DATA_SIZE = {f"phantom_{n}": {**CORRECTED, "phantom_cases": n} for n in (100, 120, 160, 260)}
+
+GRIDS = {"study": STUDY, "headline": HEADLINE, "levers": LEVERS, "headline_long": HEADLINE_LONG,
+         "data_size": DATA_SIZE}
 HEADLINE_SEEDS = (0, 1, 2)
+# configurations that get HEADLINE_SEEDS (the others one seed) unless --seeds is given
+MULTI_SEED = {"study": set(HEADLINE), "headline": set(HEADLINE),
+              "headline_long": set(HEADLINE_LONG)}
+
+# The paired tests over test studies (paired_tests.{md,csv}): (configuration, reference), names
+# of the grid; a pair none of whose runs were collected is left out.
+COMPARISONS = [
+    ("corrected_combined", "published_combined"),
+    ("bce_posweight", "published_combined"),
+    ("aux_organs", "corrected_combined"),
+    *((name, "corrected_combined") for name in LEVERS if name not in
+      ("corrected_combined", "aux_organs")),
+    ("corrected_combined_2.5d", "corrected_combined"),
+    *((name, "corrected_combined") for name, o in STUDY.items() if "model" in o),
+]
 
 # ---- budgets: the same work for every configuration of a budget ---------------------------
 _STUDY_DATA = dict(phantom_cases=100, phantom_size="demo", n_val=10, n_test=50, split_seed=0,
@@ -118,6 +179,10 @@ BUDGETS = {
     # the same grid with 3x the steps, for a GPU (add --parallel=4 --num_workers=3 there)
     "gpu": dict(preset="cpu", epochs=12, steps_per_epoch=100, batch_size=16, warmup_steps=60,
                 **_STUDY_DATA),
+    # near convergence: 4x the `cpu` steps (1600), the weights of every epoch kept for a
+    # learning curve (bench/learning_curve.py); the lead sets the final numbers
+    "long": dict(preset="cpu", epochs=16, steps_per_epoch=100, batch_size=16, warmup_steps=60,
+                 keep_epoch_checkpoints=True, **_STUDY_DATA),
     # machinery check (tests): seconds per run
     "smoke": dict(preset="tiny", epochs=1, steps_per_epoch=2, batch_size=2, phantom_cases=8,
                   n_val=2, n_test=2, n_bootstrap=20, save_overlays=False),
@@ -126,8 +191,9 @@ BUDGETS = {
 
 def run_plan(grid: str, seeds: tuple[int, ...] | None,
              only: tuple[str, ...] = ()) -> list[tuple[str, int, dict]]:
-    """(configuration, seed, overrides) for every run: headline configurations get 3 seeds.
-    `only` keeps the named configurations, in that order."""
+    """(configuration, seed, overrides) for every run: the grid's MULTI_SEED configurations get
+    HEADLINE_SEEDS, the others seed 0, `seeds` all of them. `only` keeps the named
+    configurations, in that order."""
     plan = []
     names = only or tuple(GRIDS[grid])
     unknown = set(names) - set(GRIDS[grid])
@@ -135,15 +201,20 @@ def run_plan(grid: str, seeds: tuple[int, ...] | None,
         raise config.ConfigError(f"--only: {sorted(unknown)} not in grid {grid!r}")
     for name in names:
         overrides = GRIDS[grid][name]
-        run_seeds = seeds or (HEADLINE_SEEDS if name in HEADLINE else (0,))
+        run_seeds = seeds or (HEADLINE_SEEDS if name in MULTI_SEED.get(grid, ()) else (0,))
         plan += [(name, seed, overrides) for seed in run_seeds]
     return plan
 
 
+def _run_values(name: str, seed: int, overrides: dict, budget: str, runs_dir: Path,
+                extra: dict) -> dict:
+    return {**BUDGETS[budget], **overrides, **extra, "seed": seed, "out_dir": str(runs_dir),
+            "run_name": f"{name}-s{seed}"}
+
+
 def run_settings(name: str, seed: int, overrides: dict, budget: str, runs_dir: Path,
                  extra: dict) -> dict:
-    settings = {**BUDGETS[budget], **overrides, **extra, "seed": seed,
-                "out_dir": str(runs_dir), "run_name": f"{name}-s{seed}"}
+    settings = _run_values(name, seed, overrides, budget, runs_dir, extra)
     config.make_config(settings)  # a bad grid entry fails here, before any training
     return settings
 
@@ -225,13 +296,34 @@ def prepare_data_once(settings: dict) -> None:
 
 
 # ---- collection ---------------------------------------------------------------------------
+# `config` is the row's name: the grid's name (`grid_name`), with the settings in which the run
+# differs from the grid's definition when it does (label_variants); `commit` the code it
+# trained at, `eval_commit` the code that evaluated it; `postprocessed`: the test figures are
+# of the post-processed masks (the run's config post-processes), else of the raw ones.
 COLUMNS = ["config", "seed", "status", "model", "w_bce", "w_tversky", "w_dice", "tversky_weighting",
            "tversky_fp_weight", "tversky_fn_weight", "tversky_gamma", "dice_log",
            "bce_pos_weight", "tune_threshold", "loss_reduction", "fg_fraction", "context_slices",
+           "aux_target", "p_misalign", "suv_floor", "postprocessed", "phantom_cases", "n_train",
            "steps", "params_m", "gflop_per_slice",
            "test_dice", "test_dice_ci_low", "test_dice_ci_high", "fpv_ml_tumor_free", "fnv_ml",
            "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1", "n_test", "n_test_tumor",
-           "best_val_pseudo_dice", "train_seconds", "machine"]
+           "best_val_pseudo_dice", "train_seconds", "machine", "grid_name", "settings_id",
+           "commit", "eval_commit"]
+
+# Settings that do not change what a run computes, left out of its settings fingerprint: where
+# files go and what the run is called; the seed (the runs of one configuration differ in it by
+# design, and are aggregated over it); what it runs on and how fast (device, loader workers,
+# inference batch, torch.compile, channels_last, activation checkpointing, deterministic
+# kernels: the same arithmetic up to floating-point rounding, and the machine is a column of
+# its own); what is written beside the metrics (overlays, the weights of every epoch); the
+# bootstrap resamples of the confidence intervals (the means do not depend on them); and the
+# preset, which only fills in values that are compared one by one.
+NEUTRAL_SETTINGS = ("seed", "out_dir", "run_name", "resume", "device", "num_workers", "cache_dir",
+                    "eval_batch_size", "compile", "channels_last", "grad_checkpointing",
+                    "deterministic", "save_overlays", "keep_epoch_checkpoints", "n_bootstrap",
+                    "preset")
+# unused when the run trained on a data_dir (without one, data_dir is None in every run)
+PHANTOM_SETTINGS = ("phantom_cases", "phantom_size", "phantom_seed")
 
 
 def _nan_for_none(value):
@@ -287,13 +379,76 @@ def machine(run_dir: Path) -> str:
         f"CPU ({env.get('cpu_count')} cores), torch {env.get('torch')}"
 
 
+def settings_fingerprint(values: dict) -> dict:
+    """What a run computes: its resolved config (config.json "config" read by
+    config.load_config, so a key an older run lacks has today's default) without
+    NEUTRAL_SETTINGS (and PHANTOM_SETTINGS when it trained on a data_dir), as JSON values."""
+    values = json.loads(json.dumps(values, default=str))  # tuples -> lists, as in config.json
+    drop = set(NEUTRAL_SETTINGS) | (set(PHANTOM_SETTINGS) if values.get("data_dir") else set())
+    return {key: value for key, value in sorted(values.items()) if key not in drop}
+
+
+def settings_id(fingerprint: dict) -> str:
+    """8 hex digits naming a fingerprint (the CSV's `settings_id`: equal ids, equal settings)."""
+    return hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _setting(value) -> str:
+    return f"({', '.join(map(str, value))})" if isinstance(value, list) else str(value)
+
+
+def label_variants(rows: list[dict]) -> None:
+    """Name every row (`config`) so that runs of different settings never share a name.
+
+    A run whose settings fingerprint is its grid configuration's definition today (`_definition`,
+    the settings sweep.py would start it with) keeps the grid's name (`grid_name`); any other
+    gets the keys in which it differs, with its values: `bce_posweight [tune_threshold=False]`.
+    Two fingerprints differ in some key, so their names differ. Rows without a definition are
+    named by the keys in which the fingerprints of their name differ from each other."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        by_name.setdefault(row["grid_name"], []).append(row)
+    for name, group in by_name.items():
+        prints = [row["_fingerprint"] for row in group]
+        for row in group:
+            fp, definition = row["_fingerprint"], row.get("_definition")
+            keys = sorted({key for p in [*prints, definition or {}] for key in p})
+            if definition is not None:
+                differ = [k for k in keys if fp.get(k) != definition.get(k)]
+            else:
+                differ = [k for k in keys if len({json.dumps(p.get(k)) for p in prints}) > 1]
+            row["config"] = name + (" [" + ", ".join(f"{k}={_setting(fp.get(k))}" for k in differ)
+                                    + "]" if differ else "")
+
+
+def run_facts(run_dir: Path, cfg) -> dict:
+    """Columns from the run's files beside its metrics: `commit` (config.json
+    environment.git_commit as recorded, "+dirty" when the code had uncommitted changes,
+    "unknown" when the run predates the record), `eval_commit` (eval/summary.json, the same
+    way), `n_train` (its training studies, split.json) and the settings fingerprint."""
+    payload = json.loads((run_dir / "config.json").read_text())
+    summary = run_dir / "eval" / "summary.json"
+    evaluated = json.loads(summary.read_text()).get("environment", {}) if summary.exists() else {}
+    split = run_dir / "split.json"
+    fingerprint = settings_fingerprint(cfg.to_dict())
+    return {"commit": payload.get("environment", {}).get("git_commit") or "unknown",
+            "eval_commit": evaluated.get("git_commit") or "unknown",
+            "n_train": len(json.loads(split.read_text())["train"]) if split.exists() else math.nan,
+            "settings_id": settings_id(fingerprint), "_fingerprint": fingerprint}
+
+
+def _post_processes(cfg) -> bool:
+    return cfg.suv_floor > 0 or cfg.min_component_ml > 0
+
+
 def diverged_row(name: str, seed: int, run_dir: Path) -> dict:
     """A leaderboard row for a run that training stopped: metrics NaN, the failure visible."""
     cfg = config.load_config(run_dir)
     row = {key: getattr(cfg, key) for key in COLUMNS if hasattr(cfg, key)}
     row.update({key: math.nan for key in COLUMNS if key not in row})
-    row.update(config=name, seed=seed, status="diverged", machine=machine(run_dir),
-               **_cost_columns(cfg))
+    row.update(config=name, grid_name=name, seed=seed, status="diverged",
+               machine=machine(run_dir), postprocessed=_post_processes(cfg),
+               **_cost_columns(cfg), **run_facts(run_dir, cfg))
     return row
 
 
@@ -301,13 +456,17 @@ def read_run(name: str, seed: int, run_dir: Path) -> dict:
     """One leaderboard row from an evaluated run directory (nothing typed by hand)."""
     cfg = config.load_config(run_dir)
     summary = _nan_for_none(json.loads((run_dir / "eval" / "summary.json").read_text()))
-    cohort = summary.get("raw", summary)  # the un-post-processed figures are the headline
+    # the masks the configuration delivers: post-processed when its config post-processes
+    # (test.py then also scores the raw ones, summary "postprocessed" beside them)
+    post = _post_processes(cfg) and "postprocessed" in summary
+    cohort = summary["postprocessed"] if post else summary
     metrics, lesions = cohort["metrics"], cohort["lesions"]
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [e["val_pseudo_dice"] for e in epochs if e.get("val_pseudo_dice") is not None]
     row = {key: getattr(cfg, key) for key in COLUMNS if hasattr(cfg, key)}
     ci = metrics["dice"].get("ci95") or [math.nan, math.nan]
-    row.update(config=name, seed=seed, steps=epochs[-1]["step"] if epochs else 0,
+    row.update(config=name, grid_name=name, seed=seed, postprocessed=post,
+               steps=epochs[-1]["step"] if epochs else 0,
                test_dice=metrics["dice"]["mean"], test_dice_ci_low=ci[0], test_dice_ci_high=ci[1],
                fpv_ml_tumor_free=metrics["fpv_ml_tumor_free"]["mean"],
                fnv_ml=metrics["fnv_ml"]["mean"], hd95_mm=metrics["hd95_mm"]["mean"],
@@ -315,7 +474,8 @@ def read_run(name: str, seed: int, run_dir: Path) -> dict:
                lesion_f1=lesions["f1"], n_test=cohort["n_studies"], n_test_tumor=cohort["n_tumor"],
                best_val_pseudo_dice=max(val) if val else math.nan, status="ok",
                machine=machine(run_dir), **_cost_columns(cfg),
-               train_seconds=round(sum(e.get("seconds", 0.0) for e in epochs), 1))
+               train_seconds=round(sum(e.get("seconds", 0.0) for e in epochs), 1),
+               **run_facts(run_dir, cfg))
     return row
 
 
@@ -333,10 +493,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     table = []
     for (name, where), runs in by_config.items():
         diverged = sum(r.get("status") == "diverged" for r in runs)
+        by_seed = sorted(runs, key=lambda r: r["seed"])
         entry = {"config": name, "machine": where, "model": runs[0]["model"],
                  "params_m": runs[0].get("params_m", math.nan),
                  "gflop_per_slice": runs[0].get("gflop_per_slice", math.nan),
-                 "seeds": len(runs), "diverged": diverged}
+                 "seeds": len(runs), "diverged": diverged,
+                 "commits": list(dict.fromkeys(r.get("commit", "unknown") for r in by_seed))}
         for key in ("test_dice", "fpv_ml_tumor_free", "fnv_ml", "hd95_mm", "lesion_f1"):
             values = [r[key] for r in runs if not math.isnan(r[key])]
             entry[key] = statistics.fmean(values) if values else math.nan
@@ -371,6 +533,13 @@ def paired_differences(rows: list[dict], reference: str = "published_combined") 
     return out
 
 
+def short_commit(commit: str) -> str:
+    """"4bf24f8c3c...+dirty" -> "4bf24f8*" (uncommitted changes), "unknown" as it is."""
+    if commit == "unknown":
+        return commit
+    return commit.split("+")[0][:7] + ("*" if commit.endswith("+dirty") else "")
+
+
 def short_machine(machine: str) -> str:
     """"NVIDIA H200, torch 2.11.0" -> "NVIDIA H200": the plot's label and the table's column."""
     return machine.split(", torch")[0]
@@ -379,7 +548,7 @@ def short_machine(machine: str) -> str:
 def write_results(rows: list[dict], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "leaderboard.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # not _fingerprint
         writer.writeheader()
         writer.writerows(rows)
     table = aggregate(rows)
@@ -387,18 +556,25 @@ def write_results(rows: list[dict], out: Path, title: str) -> None:
     where = lambda e: f" {short_machine(e['machine'])} |" if several else ""  # noqa: E731
     lines = [f"# {title}", "", "| # | configuration | model (M params, GFLOP/slice) |"
              + (" machine |" if several else "") + " seeds | test Dice | FPV ml (tumour-free) "
-             "| FNV ml | HD95 mm | lesion F1 | train s |", "|---" * (11 if several else 10) + "|"]
+             "| FNV ml | HD95 mm | lesion F1 | train s | commit |", "|---" * (12 if several else 11)
+             + "|"]
     for rank, e in enumerate(table, 1):
         pm = lambda k: _fmt(e[k]) + ("" if math.isnan(e[k + "_sd"]) else f" ± {_fmt(e[k + '_sd'])}")  # noqa: E731
         cost = "" if math.isnan(e["params_m"]) else \
             f" ({e['params_m']:.1f}, {e['gflop_per_slice']:.2f})"
         head = f"| {rank} | {e['config']} | {e['model']}{cost} |{where(e)} {e['seeds']} |"
+        commits = ", ".join(short_commit(c) for c in e.get("commits", ["unknown"]))
         if e["diverged"]:
             lines.append(f"{head} diverged in {e['diverged']} of {e['seeds']} runs (non-finite "
-                         "loss) | | | | | |")
+                         f"loss) | | | | | | {commits} |")
             continue
         lines.append(f"{head} {pm('test_dice')} | {pm('fpv_ml_tumor_free')} | {pm('fnv_ml')} "
-                     f"| {pm('hd95_mm')} | {pm('lesion_f1')} | {e['train_seconds']:.0f} |")
+                     f"| {pm('hd95_mm')} | {pm('lesion_f1')} | {e['train_seconds']:.0f} "
+                     f"| {commits} |")
+    lines += ["", "commit: the code each run trained at (seed order, once each), `*` with "
+              "uncommitted changes, `unknown` for runs that predate its record. A name with "
+              "`[key=value]` ran with settings that differ from that configuration in sweep.py "
+              "today."]
     diffs = paired_differences(rows)
     if diffs:
         lines += ["", "Paired differences against the published loss (same seed, same split, same "
@@ -453,17 +629,235 @@ def export_evidence(run_dir: Path, dest: Path) -> None:
             shutil.copyfile(run_dir / name, dest / name)
 
 
-def collect(plan: list[tuple[str, int, dict]], roots: list[Path]) -> list[tuple[dict, Path]]:
-    """(row, run directory) for every finished or diverged run of the plan, in each root."""
-    found = []
-    for config_name, seed, _ in plan:
+def collect(plan: list[tuple[str, int, dict]], roots: list[Path], budget: str | None = None,
+            extra: dict | None = None) -> list[tuple[dict, Path]]:
+    """(row, run directory) for every finished or diverged run of the plan, in each root, named
+    by label_variants against the settings `budget` + grid + `extra` give today (no budget:
+    against each other)."""
+    found, definitions = [], {}
+    for config_name, seed, overrides in plan:
+        if budget is not None and config_name not in definitions:  # the seed is neutral
+            definitions[config_name] = settings_fingerprint(config.make_config(_run_values(
+                config_name, seed, overrides, budget, roots[0], extra or {})).to_dict())
+        definition = definitions.get(config_name)
         for root in roots:
             run_dir = root / f"{config_name}-s{seed}"
             status = run_status(run_dir)
             if status is not None:
                 read = diverged_row if status == "diverged" else read_run
-                found.append((read(config_name, seed, run_dir), run_dir))
+                row = read(config_name, seed, run_dir)
+                row["_definition"] = definition
+                found.append((row, run_dir))
+    label_variants([row for row, _ in found])
     return found
+
+
+# ---- paired tests over the test studies ---------------------------------------------------
+# (per_case.csv column, tumour studies?, name in paired_tests.csv, label)
+PAIRED_METRICS = (("dice", True, "dice", "Dice"),
+                  ("fpv_ml", False, "fpv_ml_tumor_free", "FPV ml"))
+PAIRED_COLUMNS = ["config", "reference", "machine", "seeds", "n_seeds", "metric", "n", "n_dropped",
+                  "mean_config", "mean_reference", "mean_diff", "ci95_low", "ci95_high",
+                  "wilcoxon_p", "zero_method", "n_bootstrap", "verdict", "seeds_same_sign",
+                  "refused"]
+PAIRED_N_BOOTSTRAP = 10000
+
+
+class PairingError(ValueError):
+    """Two runs that must not be paired (other test studies); the comparison is reported refused."""
+
+
+def run_test_studies(run_dir: Path) -> list[str]:
+    """The run's test studies (split.json), sorted."""
+    return sorted(json.loads((run_dir / "split.json").read_text())["test"])
+
+
+def per_study_values(run_dir: Path, column: str, tumour: bool, postprocessed: bool
+                     ) -> dict[str, float]:
+    """{case_id: value} of eval/per_case.csv `column` (`pp_<column>` when the run's figures
+    are post-processed) over its tumour (or tumour-free) studies; refuses a per_case.csv whose
+    studies are not the run's test studies."""
+    with open(run_dir / "eval" / "per_case.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if sorted(r["case_id"] for r in rows) != run_test_studies(run_dir):
+        raise PairingError(f"{run_dir}/eval/per_case.csv does not hold the run's test studies")
+    key = f"pp_{column}" if postprocessed else column
+    return {r["case_id"]: float(r[key]) for r in rows if (r["has_tumor"] == "True") == tumour}
+
+
+def _mean_over_seeds(values: list[dict[str, float]]) -> dict[str, float]:
+    """Per study: the mean of the finite values over seeds (NaN when none is)."""
+    out = {}
+    for case in values[0]:
+        finite = [v[case] for v in values if math.isfinite(v[case])]
+        out[case] = statistics.fmean(finite) if finite else math.nan
+    return out
+
+
+def _seeds_same_sign(a: list[dict[str, float]], b: list[dict[str, float]], mean_diff: float
+                     ) -> str:
+    """"k/n": in how many of the n seeds the mean difference over studies has the sign of the
+    seed-averaged one. The test over studies holds the trained models fixed; a difference that
+    one seed's model makes and the others do not is a seed effect, which this shows."""
+    agree = 0
+    for seed_a, seed_b in zip(a, b):
+        diffs = [seed_a[c] - seed_b[c] for c in seed_a if math.isfinite(seed_a[c] - seed_b[c])]
+        agree += bool(diffs) and statistics.fmean(diffs) * mean_diff > 0
+    return f"{agree}/{len(a)}"
+
+
+def _verdict(result: dict) -> str:
+    """A difference is claimed only when the bootstrap CI excludes 0 and Wilcoxon p < 0.05."""
+    ci, p = result["ci95"], result["wilcoxon_p"]
+    if ci is None or not p < 0.05 or ci[0] <= 0 <= ci[1]:
+        return "no difference"
+    return "higher" if result["mean_diff"] > 0 else "lower"
+
+
+def compare_runs(runs_a: list[tuple[dict, Path]], runs_b: list[tuple[dict, Path]],
+                 n_bootstrap: int = PAIRED_N_BOOTSTRAP) -> list[dict]:
+    """The paired tests of two configurations from their runs of the same seeds and machine
+    (runs_a[i] and runs_b[i]: seed i): per test study the metric averaged over those seeds,
+    then metrics.paired_comparison over the studies (a = configuration, b = reference), one
+    row per PAIRED_METRICS. Runs whose test studies differ are refused (`refused` says why)."""
+    import metrics  # scipy / MedPy: only when paired tests are written
+
+    (row_a, _), (row_b, _) = runs_a[0], runs_b[0]
+    base = {"config": row_a["config"], "reference": row_b["config"], "machine": row_a["machine"],
+            "seeds": ",".join(str(r["seed"]) for r, _ in runs_a), "n_seeds": len(runs_a)}
+    out = []
+    for column, tumour, name, _ in PAIRED_METRICS:
+        entry = {**base, "metric": name, "verdict": "", "refused": ""}
+        try:
+            if len({tuple(run_test_studies(d)) for _, d in runs_a + runs_b}) > 1:
+                raise PairingError("the runs' split.json test sets differ")
+            per_seed_a, per_seed_b = ([per_study_values(d, column, tumour, r["postprocessed"])
+                                       for r, d in runs] for runs in (runs_a, runs_b))
+        except PairingError as exc:
+            out.append({**entry, "refused": str(exc)})
+            continue
+        a, b = _mean_over_seeds(per_seed_a), _mean_over_seeds(per_seed_b)
+        studies = sorted(a)
+        result = metrics.paired_comparison([a[c] for c in studies], [b[c] for c in studies],
+                                           n_bootstrap=n_bootstrap, seed=0)
+        ci = result["ci95"] or [math.nan, math.nan]
+        entry.update(n=result["n"], n_dropped=result["n_dropped"], mean_config=result["mean_a"],
+                     mean_reference=result["mean_b"], mean_diff=result["mean_diff"],
+                     ci95_low=ci[0], ci95_high=ci[1], wilcoxon_p=result["wilcoxon_p"],
+                     zero_method=result["zero_method"], n_bootstrap=n_bootstrap,
+                     verdict=_verdict(result),
+                     seeds_same_sign=_seeds_same_sign(per_seed_a, per_seed_b, result["mean_diff"]))
+        out.append(entry)
+    return out
+
+
+def paired_tests(found: list[tuple[dict, Path]], comparisons=COMPARISONS,
+                 n_bootstrap: int = PAIRED_N_BOOTSTRAP) -> list[dict]:
+    """compare_runs for every (configuration, reference) of `comparisons` (grid names), for
+    each variant of each (label_variants: one settings fingerprint) on each machine, over the
+    seeds both have there (evaluated runs only)."""
+    runs: dict[tuple[str, str, str], dict[int, tuple[dict, Path]]] = {}
+    for row, run_dir in found:
+        if row["status"] == "ok":
+            runs.setdefault((row["grid_name"], row["config"], row["machine"]), {})[row["seed"]] = \
+                (row, run_dir)
+    out = []
+    for name, reference in comparisons:
+        variants = [(key, seeds) for key, seeds in sorted(runs.items()) if key[0] == name]
+        references = [(key, seeds) for key, seeds in sorted(runs.items()) if key[0] == reference]
+        for (_, _, where), seeds_a in variants:
+            for (_, _, where_b), seeds_b in references:
+                shared = sorted(set(seeds_a) & set(seeds_b))
+                if where == where_b and shared:
+                    out += compare_runs([seeds_a[s] for s in shared], [seeds_b[s] for s in shared],
+                                        n_bootstrap)
+    return out
+
+
+def _signed(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:+.3f}"
+
+
+def _p(value: float) -> str:
+    return "nan" if math.isnan(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def write_paired_tests(tests: list[dict], out: Path, title: str) -> None:
+    """paired_tests.csv (PAIRED_COLUMNS, one row per comparison, machine and metric) and
+    paired_tests.md (one row per comparison and machine)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "paired_tests.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PAIRED_COLUMNS)
+        writer.writeheader()
+        writer.writerows({key: t.get(key, "") for key in PAIRED_COLUMNS} for t in tests)
+    several = len({t["machine"] for t in tests}) > 1
+    lines = [f"# Paired tests over the test studies: {title}", "",
+             "Per comparison: the runs of the two configurations with the same seed on the same "
+             "machine (same test studies, else refused); per test study the metric is averaged "
+             "over those seeds, then compared over the studies: Dice over the tumour studies, "
+             "FPV over the tumour-free ones. Δ = configuration − reference, its 95 % CI a "
+             f"percentile bootstrap over studies ({PAIRED_N_BOOTSTRAP} resamples, seed 0), p the "
+             "two-sided Wilcoxon signed-rank test (zero differences ranked, Pratt). A difference "
+             "is claimed (higher / lower) only when the CI excludes 0 and p < 0.05; no correction "
+             "for the number of comparisons. The test holds the trained models fixed: it measures "
+             "the sampling of test studies, not of training seeds. `(k/n seeds)` beside a claim: "
+             "in how many of the seeds the difference has that sign; a claim that not every "
+             "seed shares is a seed effect as much as a configuration effect (the leaderboard's "
+             "paired differences over seeds).", ""]
+    if not tests:
+        lines.append("No comparison of sweep.COMPARISONS has runs here.")
+        (out / "paired_tests.md").write_text("\n".join(lines) + "\n")
+        return
+    lines += ["| configuration | reference |" + (" machine |" if several else "") + " seeds |"
+              + "".join(f" {label} (n) | Δ {label} [95 % CI] | p |"
+                        for *_, label in PAIRED_METRICS),
+              "|---" * (3 + several + 3 * len(PAIRED_METRICS)) + "|"]
+    by_pair: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for t in tests:
+        by_pair.setdefault((t["config"], t["reference"], t["machine"]), {})[t["metric"]] = t
+    for (name, reference, where), pair in by_pair.items():
+        cells = []
+        for _, _, metric, _ in PAIRED_METRICS:
+            t = pair[metric]
+            if t["refused"]:
+                cells += [f"refused: {t['refused']}", "", ""]
+                continue
+            word = "" if t["verdict"] == "no difference" else f" **{t['verdict']}**"
+            if word and t["n_seeds"] > 1:
+                word += f" ({t['seeds_same_sign']} seeds)"
+            cells += [f"{_fmt(t['mean_config'])} vs {_fmt(t['mean_reference'])} ({t['n']})",
+                      f"{_signed(t['mean_diff'])} [{_signed(t['ci95_low'])}, "
+                      f"{_signed(t['ci95_high'])}]{word}", _p(t["wilcoxon_p"])]
+        seeds = next(iter(pair.values()))["seeds"]
+        lines.append(f"| {name} | {reference} |" + (f" {short_machine(where)} |" if several else "")
+                     + f" {seeds} | " + " | ".join(cells) + " |")
+    (out / "paired_tests.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_versus(rows: list[dict], key: str, path: Path, title: str) -> None:
+    """Test Dice (mean ± SD over the evaluated runs at each value) against the numeric column
+    `key` (e.g. n_train), one line per machine: for a grid whose configurations differ in `key`
+    alone (data_size)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state
+
+    points: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        x, y = row.get(key), row.get("test_dice")
+        if row["status"] == "ok" and isinstance(x, (int, float)) and math.isfinite(x) \
+                and math.isfinite(y):
+            points.setdefault(short_machine(row["machine"]), {}).setdefault(float(x), []).append(y)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for where, by_x in sorted(points.items()):
+        xs = sorted(by_x)
+        ax.errorbar(xs, [statistics.fmean(by_x[x]) for x in xs], fmt="o-", capsize=3, label=where,
+                    yerr=[statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs])
+    ax.set(xlabel=key, ylabel="test Dice (tumour studies)", title=title)
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 README_BLOCK = re.compile(r"(<!-- from (\S+) -->\n)(.*?)(<!-- end -->)", re.S)
@@ -493,7 +887,7 @@ def sync_readme(readme: Path, check: bool = False) -> list[str]:
 def main(argv: list[str]) -> None:
     options = dict(grid="study", budget="cpu", seeds=None, runs_dir="runs/study",
                    results_dir="results", out="", export="", collect_only=False, dry_run=False,
-                   parallel=1, only="")
+                   parallel=1, only="", plot_vs="")
     extra = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -516,6 +910,9 @@ def main(argv: list[str]) -> None:
     roots = [Path(d) / name for d in str(options["runs_dir"]).split(",") if d]
     only = tuple(n for n in str(options["only"]).split(",") if n) if options["only"] else ()
     plan = run_plan(options["grid"], seeds, only)
+    if options["plot_vs"] and options["plot_vs"] not in COLUMNS:
+        raise config.ConfigError(f"--plot_vs={options['plot_vs']}: give a numeric leaderboard.csv "
+                                 "column, e.g. n_train or phantom_cases")
     if options["dry_run"]:
         for config_name, seed, overrides in plan:
             print(config_name, seed, overrides)
@@ -528,17 +925,22 @@ def main(argv: list[str]) -> None:
             raise config.ConfigError("training needs one --runs_dir (several are for "
                                      "--collect_only)")
         run_all(plan, options["budget"], roots[0], extra, int(options["parallel"]))
-    found = collect(plan, roots)
+    found = collect(plan, roots, options["budget"], extra)
     rows = [row for row, _ in found]
     machines = sorted({row["machine"] for row in rows})
     out = Path(options["out"]) if options["out"] else Path(options["results_dir"]) / name
-    write_results(rows, out, f"{options['grid']} grid, budget {options['budget']}: {len(rows)} "
-                  f"runs on {' / '.join(machines) or 'no machine yet'}")
+    title = f"{options['grid']} grid, budget {options['budget']}"
+    write_results(rows, out, f"{title}: {len(rows)} runs on "
+                  f"{' / '.join(machines) or 'no machine yet'}")
+    write_paired_tests(paired_tests(found), out, title)
+    if options["plot_vs"]:
+        plot_versus(rows, options["plot_vs"], out / f"test_dice_vs_{options['plot_vs']}.png",
+                    title)
     if options["export"]:
         for _, run_dir in found:
             export_evidence(run_dir, Path(options["export"]) / name / run_dir.name)
         print(f"evidence of {len(found)} runs: {Path(options['export']) / name}/")
-    print(f"results: {out}/leaderboard.md")
+    print(f"results: {out}/leaderboard.md, {out}/paired_tests.md")
 
 
 if __name__ == "__main__":

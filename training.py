@@ -82,6 +82,7 @@ class TrainSettings:
     context_slices: int = 0
     eval_batch_size: int = 32  # validation: slices per forward pass
     threshold: float = 0.5
+    keep_epoch_checkpoints: bool = False  # the weights after every validation: epoch_<k>.pt
     log_images: bool = True  # validation previews in TensorBoard
 
     @classmethod
@@ -564,7 +565,7 @@ def _update_best(state: LoopState, record: dict, *, has_val: bool, validated: bo
     return improved, patience > 0 and state.stale_validations >= patience
 
 
-def _fit(loop: Loop, state: LoopState, runlog: RunLog, save: Callable[[LoopState, bool], None], *,
+def _fit(loop: Loop, state: LoopState, runlog: RunLog, save: Callable[..., None], *,
          train_set: Any, val_studies: list, s: TrainSettings, steps_per_epoch: int, rank: int,
          world_size: int) -> dict:
     """The epoch loop from the position `state` on; returns how it ended."""
@@ -606,7 +607,7 @@ def _fit(loop: Loop, state: LoopState, runlog: RunLog, save: Callable[[LoopState
             state.history.append(record)
         state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
         state.seconds = seconds0 + time.perf_counter() - start
-        save(state, improved)
+        save(state, improved, epoch_weights=validated and s.keep_epoch_checkpoints)
         if rank == 0:
             runlog.epoch(record, state.history, val.get("previews", []) if s.log_images else [])
             log.info(summary_line(record, s.epochs, state.best_key, state.best_epoch))
@@ -628,7 +629,9 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
     `settings`: the loop's settings (TrainSettings.from_config(cfg)); `run_config`: the run's
     resolved config as a dict, stored in every checkpoint. batch_size is the global batch: under
     torchrun each of W processes takes batch_size / W. Writes into run_dir: train.log,
-    metrics.jsonl, tb/, curves.png, checkpoints/{last,best}.pt (rank 0 only). `resume=True`
+    metrics.jsonl, tb/, curves.png, checkpoints/{last,best}.pt (rank 0 only; with
+    keep_epoch_checkpoints also epoch_<k>.pt, the weights alone after the validation of epoch
+    k). `resume=True`
     continues from run_dir/checkpoints/last.pt exactly.
 
     Returns {"best_epoch", "best_score" (pseudo-Dice, None without validation), "epochs_run"
@@ -660,7 +663,7 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
                  world_size, s.epochs, steps_per_epoch, s.batch_size, s.optimizer, loop.amp_dtype,
                  state.epoch + 1, loop.step)
 
-        def save(position: LoopState, best: bool) -> None:
+        def save(position: LoopState, best: bool, epoch_weights: bool = False) -> None:
             rng_states = _gather_rng()  # collective: every rank calls save at the same point
             if rank == 0:
                 ckpt = _checkpoint_state(loop, position, rng_states=rng_states,
@@ -669,6 +672,10 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
                 checkpoint.save_checkpoint(ckpt, last_path)
                 if best:
                     checkpoint.save_checkpoint(ckpt, best_path)
+                if epoch_weights:  # learning curves (bench/learning_curve.py): weights only
+                    checkpoint.save_checkpoint(
+                        {"model": ckpt["model"], "epoch": position.epoch, "step": loop.step},
+                        run_dir / "checkpoints" / f"epoch_{position.epoch}.pt")
 
         runlog = RunLog(run_dir, state.history, loop.step, enabled=rank == 0)
         try:

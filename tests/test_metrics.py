@@ -294,3 +294,48 @@ def test_choose_postprocessing_takes_the_best_pooled_dice_and_the_stricter_tie()
     assert dice == pytest.approx(2 / 3)
     assert chosen == {"threshold": 0.5, "suv_floor": 0.0, "min_component_ml": 0.1,
                       "min_component_suvmax": 0.0}
+
+
+# ---- paired comparison of two configurations over the same studies ------------------------
+
+def test_paired_comparison_hand_computed():
+    # d = a - b = (1, -2, 3, 4, 5): no zeros, no ties, so the exact null distribution of the
+    # signed-rank statistic: T- = 2 (the rank of |-2|); rank subsets of {1..5} with sum <= 2
+    # are {}, {1}, {2}: P(T <= 2) = 3 / 32, two-sided p = 6 / 32
+    r = metrics.paired_comparison([1.0, -2.0, 3.0, 4.0, 5.0], [0.0] * 5, n_bootstrap=2000)
+    assert (r["n"], r["n_dropped"]) == (5, 0)
+    assert math.isclose(r["mean_diff"], 2.2) and math.isclose(r["mean_a"] - r["mean_b"], 2.2)
+    assert math.isclose(r["wilcoxon_p"], 6 / 32)
+    # all differences of one sign: T- = 0, p = 2 / 32
+    assert math.isclose(metrics.paired_comparison([2, 3, 4, 5, 6], [1] * 5)["wilcoxon_p"], 2 / 32)
+    # d = (0, 1): a bootstrap mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5 / 97.5 percentiles of 10,000 resamples are 0 and 1
+    assert metrics.paired_comparison([0.0, 1.0], [0.0, 0.0])["ci95"] == [0.0, 1.0]
+    # a constant difference: the interval is that value
+    assert metrics.paired_comparison([0.3, 0.5, 0.9], [0.1, 0.3, 0.7])["ci95"] == \
+        pytest.approx([0.2, 0.2])
+
+
+def test_paired_comparison_against_scipy_nan_zeros_and_seed():
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(3)
+    a = rng.random(25)
+    b = a + rng.normal(0.05, 0.1, 25)
+    b[:6] = a[:6]  # six zero differences (both configurations scored a study alike)
+    a[7], b[9] = np.nan, np.nan  # two pairs without a value: dropped, counted
+    r = metrics.paired_comparison(a, b, n_bootstrap=500, seed=4)
+    keep = np.isfinite(a) & np.isfinite(b)
+    assert (r["n"], r["n_dropped"]) == (23, 2)
+    assert math.isclose(r["mean_diff"], float(np.mean(a[keep] - b[keep])))
+    expected = wilcoxon(a[keep] - b[keep], zero_method="pratt").pvalue
+    assert r["zero_method"] == "pratt" and math.isclose(r["wilcoxon_p"], expected)
+    assert r["ci95"][0] <= r["mean_diff"] <= r["ci95"][1]
+    assert metrics.paired_comparison(a, b, n_bootstrap=500, seed=4) == r  # seeded
+    assert metrics.paired_comparison(a, b, n_bootstrap=500, seed=5)["ci95"] != r["ci95"]
+    same = metrics.paired_comparison([0.0, 0.0, 1.0], [0.0, 0.0, 1.0])
+    assert same["wilcoxon_p"] == 1.0 and same["mean_diff"] == 0.0  # no difference at all
+    empty = metrics.paired_comparison([np.nan], [1.0])
+    assert empty["n"] == 0 and math.isnan(empty["wilcoxon_p"]) and empty["ci95"] is None
+    with pytest.raises(ValueError, match="one length"):
+        metrics.paired_comparison([1.0, 2.0], [1.0])

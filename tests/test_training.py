@@ -302,6 +302,19 @@ def test_checkpoints_and_outputs(tmp_path):
     assert "epoch 2/2 step 6" in (run_dir / "train.log").read_text()
 
 
+def test_epoch_checkpoints_hold_the_weights_after_every_validation(tmp_path):
+    run_dir = tmp_path / "r"
+    run(run_dir, epochs=3, val_every=2, keep_epoch_checkpoints=True)  # validates epochs 2 and 3
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["best.pt", "epoch_2.pt", "epoch_3.pt", "last.pt"]
+    epoch_3 = load(run_dir / "checkpoints" / "epoch_3.pt")
+    assert set(epoch_3) == {"model", "epoch", "step"}
+    assert (epoch_3["epoch"], epoch_3["step"]) == (3, 9)
+    assert_same(epoch_3["model"], load(run_dir / "checkpoints" / "last.pt")["model"])
+    assert load(run_dir / "checkpoints" / "epoch_2.pt")["step"] == 6
+    checkpoint.load_weights(TinyNet(), run_dir / "checkpoints" / "epoch_2.pt")  # as test.py does
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)

@@ -1,0 +1,59 @@
+"""bench/learning_curve.py on a tiny run that kept its epoch checkpoints (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def curve_module():
+    spec = importlib.util.spec_from_file_location("learning_curve",
+                                                  ROOT / "bench" / "learning_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_curve_of_a_tiny_run(tmp_path, curve_module):
+    import main
+
+    main.main(["--preset=tiny", f"--out_dir={tmp_path / 'runs'}", "--run_name=lc",
+               f"--cache_dir={tmp_path / 'cache'}", "--keep_epoch_checkpoints=True",
+               "--save_overlays=False"])
+    run_dir = tmp_path / "runs" / "lc"
+    curve_module.main([f"--run_dir={run_dir}", f"--out={tmp_path / 'curve'}"])
+    with open(tmp_path / "curve" / "learning_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(curve_module.COLUMNS)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == \
+        [(e["epoch"], e["step"]) for e in logged]
+    assert [float(r["val_pseudo_dice"]) for r in rows] == pytest.approx(
+        [e["val_pseudo_dice"] for e in logged])
+    assert (tmp_path / "curve" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # best.pt holds the weights of the best epoch: that epoch's test Dice is main.py's eval/
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert float(rows[best - 1]["test_dice"]) == pytest.approx(summary["metrics"]["dice"]["mean"])
+    # each epoch has its own evaluation folder; a second curve reads them, computes nothing new
+    folders = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("eval-"))
+    assert folders == [f"eval-epoch_{e['epoch']}" for e in logged]
+    as_read = [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items()}
+               for r in rows]
+    assert curve_module.learning_curve(run_dir) == as_read
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("eval-")) == folders
+
+
+def test_a_run_without_epoch_checkpoints_is_a_clear_error(tmp_path, curve_module):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(curve_module.CurveError, match="keep_epoch_checkpoints=True"):
+        curve_module.learning_curve(tmp_path)
