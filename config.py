@@ -54,6 +54,10 @@ class Config:
     phantom_cases: int = 60  # studies generated when data_dir is None (half tumour-free)
     phantom_size: str = "demo"  # unit | demo | autopet (docs/phantom.md, "Sizes")
     phantom_seed: int = 0
+    # None: the test studies are split off the phantom_cases studies; an int: they are n_test
+    # studies of a phantom of this seed (never seen in training in any form), and the
+    # phantom_cases studies are training + validation only (the cpu and tiny presets: 1)
+    phantom_test_seed: Optional[int] = None
     ct_window: tuple = (-1000.0, 1000.0)  # HU range scaled to [-1, 1]
     suv_max: float = 20.0  # SUV clipped to [0, suv_max], scaled to [-1, 1]
     n_val: int = 10  # validation studies (checkpoint selection only)
@@ -147,7 +151,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # The default: the built-in phantom and a scaled-down TransUNet of the same architecture,
     # sized so that training + evaluation take about 10 minutes on 2 CPU cores.
-    "cpu": {},
+    "cpu": dict(phantom_test_seed=1),
     # The published setting: R50-ViT-B_16 at 224², official TransUNet recipe (SGD 0.01, momentum
     # 0.9, weight decay 1e-4, poly 0.9 per iteration, batch 24, ~14k iterations) and the published
     # loss weights with the published focal-Tversky formula and -log Dice. CUDA + AMP.
@@ -159,7 +163,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Seconds, for tests: unit-size phantom, a tiny TransUNet.
     "tiny": dict(
-        model="transunet_tiny", img_size=64, phantom_size="unit", phantom_cases=8, n_val=2,
+        model="transunet_tiny", img_size=64, phantom_size="unit", phantom_cases=8,
+        phantom_test_seed=1, n_val=2,
         n_test=2, epochs=2, steps_per_epoch=3, batch_size=4, warmup_steps=1, eval_batch_size=16,
         n_bootstrap=50, save_overlays=True,
     ),
@@ -244,6 +249,7 @@ RANGES = {
     "split_seed": (0, None, True, True), "phantom_seed": (0, None, True, True),
     "n_organ_classes": (2, 256, True, True), "ct_channel": (0, None, True, True),
     "pet_channel": (0, None, True, True), "img_size": (16, None, True, True),
+    "phantom_test_seed": (0, None, True, True),
     "lr": (0.0, None, False, True), "weight_decay": (0.0, None, True, True),
     "momentum": (0.0, 1.0, True, False), "poly_power": (0.0, None, False, True),
     "grad_clip": (0.0, None, True, True), "threshold": (0.0, 1.0, False, False),
@@ -293,9 +299,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"--n_folds={cfg.n_folds}: use 0 (no cross-validation) or >= 2")
     if cfg.n_folds > 1 and not 0 <= cfg.fold < cfg.n_folds:
         raise ConfigError(f"--fold={cfg.fold} must be in 0..{cfg.n_folds - 1} (--n_folds={cfg.n_folds})")
-    if cfg.data_dir is None and cfg.n_folds == 0 and cfg.n_val + cfg.n_test >= cfg.phantom_cases:
-        raise ConfigError(f"--n_val={cfg.n_val} + --n_test={cfg.n_test} leave no training study of "
-                          f"the {cfg.phantom_cases} phantom studies; raise --phantom_cases")
+    held_out = cfg.n_val + (0 if cfg.phantom_test_seed is not None else cfg.n_test)
+    if cfg.data_dir is None and cfg.n_folds == 0 and held_out >= cfg.phantom_cases:
+        raise ConfigError(f"--n_val={cfg.n_val}" + ("" if cfg.phantom_test_seed is not None else
+                          f" + --n_test={cfg.n_test}") + f" leave no training study of the "
+                          f"{cfg.phantom_cases} phantom studies; raise --phantom_cases")
+    if cfg.data_dir is None and cfg.phantom_test_seed is not None:
+        if cfg.phantom_test_seed == cfg.phantom_seed:
+            raise ConfigError(f"--phantom_test_seed={cfg.phantom_test_seed} equals --phantom_seed: "
+                              "the test phantom must be another seed")
+        if cfg.n_folds:
+            raise ConfigError("--n_folds with a separate test phantom: set --phantom_test_seed=None "
+                              "to cross-validate on the phantom_cases studies")
+        if cfg.n_test < 1:
+            raise ConfigError("--n_test=0 with --phantom_test_seed: give --n_test >= 1 or "
+                              "--phantom_test_seed=None")
     if cfg.warmup_steps >= cfg.epochs * cfg.steps_per_epoch:
         raise ConfigError(f"--warmup_steps={cfg.warmup_steps} is not shorter than the run "
                           f"({cfg.epochs} x {cfg.steps_per_epoch} steps); lower it")

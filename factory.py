@@ -100,7 +100,8 @@ def prepare_data(cfg: config.Config) -> "data.prepare.Manifest":
     from data.prepare import prepare_data as prepare
 
     return prepare(data_dir=cfg.data_dir, phantom_cases=cfg.phantom_cases,
-                   phantom_size=cfg.phantom_size, phantom_seed=cfg.phantom_seed, n_val=cfg.n_val,
+                   phantom_size=cfg.phantom_size, phantom_seed=cfg.phantom_seed,
+                   phantom_test_seed=cfg.phantom_test_seed, n_val=cfg.n_val,
                    n_test=cfg.n_test, split_seed=cfg.split_seed, n_folds=cfg.n_folds,
                    fold=cfg.fold, **_data_kwargs(cfg))
 

@@ -3,9 +3,9 @@ its own run directory, resumable (finished runs are skipped), collected into a l
 
     python sweep.py --grid=study --budget=cpu              # >= 23 configurations (hours on 2 CPU cores)
     python sweep.py --grid=headline --budget=cpu           # BCE vs published vs corrected, 3 seeds
-    python sweep.py --grid=levers --budget=cpu             # issue #13: one lever at a time
+    python sweep.py --grid=levers --budget=quick           # issue #13: one lever at a time
     python sweep.py --grid=headline_long --budget=long     # the headline near convergence, 3 seeds
-    python sweep.py --grid=data_size --budget=cpu --plot_vs=n_train   # Dice vs training studies
+    python sweep.py --grid=data_size --budget=quick --plot_vs=n_train # Dice vs training studies
     python sweep.py --grid=study --budget=gpu              # the same grid, longer training, on a GPU
     python sweep.py --grid=study --budget=cpu --collect_only   # rebuild results/ from finished runs
     python sweep.py --grid=study --budget=cpu --parallel=4     # 4 runs at a time (a GPU machine)
@@ -15,7 +15,7 @@ its own run directory, resumable (finished runs are skipped), collected into a l
         --runs_dir=results/h200/runs,results/cpu2core/runs      # one leaderboard, two machines
 
 Options (any other --key=value is a config.py setting applied to every run):
-    --grid=study|headline|levers|headline_long|data_size  --budget=cpu|gpu|long|smoke
+    --grid=study|headline|levers|headline_long|data_size  --budget=cpu|gpu|quick|long|smoke
     --seeds=0,1,2  --only=NAME,NAME
     --runs_dir=DIR[,DIR]   run directories go to DIR/<grid>-<budget>/<config>-s<seed>/; with several
                            DIRs (--collect_only) a run found in each gives one row per machine
@@ -129,7 +129,7 @@ LEVERS = {
     "corrected_combined": CORRECTED,
     "aux_organs": {**CORRECTED, **AUX_ORGANS},
     "aux_uptake": {**CORRECTED, **AUX_UPTAKE},
-    "more_studies_150": {**CORRECTED, "phantom_cases": 150},  # 89 training studies, not 40
+    "more_studies_150": {**CORRECTED, "phantom_cases": 160},  # 150 training studies, not 40
     "misalign": {**CORRECTED, "p_misalign": 0.1},
     "context_2.5d": {**CORRECTED, "context_slices": 1},
     "tune_threshold": {**CORRECTED, "tune_threshold": True},
@@ -144,11 +144,11 @@ HEADLINE_LONG = {
     "aux_organs": {**CORRECTED, **AUX_ORGANS},
 }
 
-# test Dice against the number of training studies: the same n_val / n_test (budget), more
-# phantom studies (phantom_cases - n_val - n_test train: 40, 60, 100, 200; the split holds whole
-# patients, so the counts are read back from split.json: column n_train). The split is not
-# nested: each size has its own 50 test studies of the same phantom distribution.
-DATA_SIZE = {f"phantom_{n}": {**CORRECTED, "phantom_cases": n} for n in (100, 120, 160, 260)}
+# test Dice against the number of training studies: the same n_val (budget) and the same 50
+# test studies (the budgets of these grids take them from a phantom of their own seed), more
+# phantom studies for training and validation (phantom_cases - n_val train: 40, 60, 100, 200;
+# the split holds whole patients, so the counts are read back from split.json: column n_train)
+DATA_SIZE = {f"phantom_{n}": {**CORRECTED, "phantom_cases": n} for n in (50, 70, 110, 210)}
 
 GRIDS = {"study": STUDY, "headline": HEADLINE, "levers": LEVERS, "headline_long": HEADLINE_LONG,
          "data_size": DATA_SIZE}
@@ -170,8 +170,14 @@ COMPARISONS = [
 ]
 
 # ---- budgets: the same work for every configuration of a budget ---------------------------
-_STUDY_DATA = dict(phantom_cases=100, phantom_size="demo", n_val=10, n_test=50, split_seed=0,
-                   save_overlays=False)
+# the first study (results/*/study-cpu): 100 phantom studies split 40 / 10 / 50
+_STUDY_DATA = dict(phantom_cases=100, phantom_test_seed=None, phantom_size="demo", n_val=10,
+                   n_test=50, split_seed=0, save_overlays=False)
+# the issue-13 grids: 50 phantom studies of seed 0 for training (40) and validation (10), and a
+# fixed test set of 50 studies of a phantom of seed 1, which no run sees in any form and which
+# stays the same whatever phantom_cases a configuration uses (nested comparisons)
+_NESTED_DATA = dict(phantom_cases=50, phantom_test_seed=1, phantom_size="demo", n_val=10,
+                    n_test=50, split_seed=0, save_overlays=False)
 BUDGETS = {
     # ~400 optimiser steps of batch 16 per run on 2 CPU cores
     "cpu": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,
@@ -182,7 +188,10 @@ BUDGETS = {
     # near convergence: 4x the `cpu` steps (1600), the weights of every epoch kept for a
     # learning curve (bench/learning_curve.py); the lead sets the final numbers
     "long": dict(preset="cpu", epochs=16, steps_per_epoch=100, batch_size=16, warmup_steps=60,
-                 keep_epoch_checkpoints=True, **_STUDY_DATA),
+                 keep_epoch_checkpoints=True, **_NESTED_DATA),
+    # the `cpu` budget's 400 steps on the nested data: screening the levers
+    "quick": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,
+                  **_NESTED_DATA),
     # machinery check (tests): seconds per run
     "smoke": dict(preset="tiny", epochs=1, steps_per_epoch=2, batch_size=2, phantom_cases=8,
                   n_val=2, n_test=2, n_bootstrap=20, save_overlays=False),

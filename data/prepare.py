@@ -71,17 +71,39 @@ def prepare_data(*, data_dir: str | os.PathLike | None, cache_dir: str | os.Path
                  layout: str = "auto", ct_channel: int = 0, pet_channel: int = 1,
                  resample: bool = False, ct_window: tuple[float, float] = (-1000.0, 1000.0),
                  suv_max: float = 20.0, phantom_cases: int = 60, phantom_size: str = "demo",
-                 phantom_seed: int = 0, n_val: int = 10, n_test: int = 20, split_seed: int = 0,
-                 n_folds: int = 0, fold: int = 0) -> Manifest:
-    """Find or generate the studies, preprocess them into the cache, split them by patient."""
+                 phantom_seed: int = 0, phantom_test_seed: int | None = None, n_val: int = 10,
+                 n_test: int = 20, split_seed: int = 0, n_folds: int = 0,
+                 fold: int = 0) -> Manifest:
+    """Find or generate the studies, preprocess them into the cache, split them by patient.
+
+    With the phantom and `phantom_test_seed` set, the test studies are a phantom of their own
+    (n_test studies of that seed, which the model never sees in any form) and the
+    `phantom_cases` studies of `phantom_seed` are split into training and validation only. So
+    the test set stays the same when phantom_cases changes (a nested comparison: the same 50
+    test studies for 40 or 200 training studies)."""
+    def cache(folder) -> list[CachedStudy]:
+        return cache_studies(folder, cache_dir=cache_dir, layout=layout, ct_channel=ct_channel,
+                             pet_channel=pet_channel, ct_window=ct_window, suv_max=suv_max,
+                             resample=resample)
+
+    separate_test = data_dir is None and phantom_test_seed is not None
     if data_dir is None:
         data_dir = generate_phantom(cache_dir, size=phantom_size, seed=phantom_seed,
                                     n_cases=phantom_cases)
-    studies = cache_studies(data_dir, cache_dir=cache_dir, layout=layout, ct_channel=ct_channel,
-                            pet_channel=pet_channel, ct_window=ct_window, suv_max=suv_max,
-                            resample=resample)
-    split = split_cases(studies, n_val=n_val, n_test=n_test, seed=split_seed, n_folds=n_folds,
-                        fold=fold)
+    studies = cache(data_dir)
+    split = split_cases(studies, n_val=n_val, n_test=0 if separate_test else n_test,
+                        seed=split_seed, n_folds=0 if separate_test else n_folds, fold=fold)
+    if separate_test:
+        test_dir = generate_phantom(cache_dir, size=phantom_size, seed=phantom_test_seed,
+                                    n_cases=n_test)
+        test_studies = cache(test_dir)
+        clash = {s.case_id for s in studies} & {s.case_id for s in test_studies}
+        if clash:
+            raise DataError(f"the test phantom (seed {phantom_test_seed}) and the training phantom "
+                            f"(seed {phantom_seed}) share case ids {sorted(clash)[:3]}: choose "
+                            "another --phantom_test_seed")
+        studies = studies + test_studies
+        split["test"] = sorted(s.case_id for s in test_studies)
     return Manifest(str(Path(data_dir).absolute()), studies, split)
 
 
