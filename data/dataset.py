@@ -211,8 +211,8 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         return k, int(g - self._starts[k]), False
 
     def crop_start(self, i: int, mask: np.ndarray, tumour: bool) -> tuple[int, int]:
-        """Patch mode: (x0, y0), the crop's first pixel in slice coordinates (negative or beyond
-        X - S where the slice is smaller than the patch), for item i of the current epoch.
+        """Patch mode: (x0, y0), the crop's first pixel in slice coordinates (negative along an
+        axis where the slice is smaller than the patch), for item i of the current epoch.
 
         mask (X, Y) of the item's slice. Drawn from `default_rng([seed, epoch, i, 2])`:
         tumour item: a tumour voxel c uniform over the slice's tumour voxels, per axis

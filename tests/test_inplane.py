@@ -137,6 +137,16 @@ def test_patch_item_is_the_exact_crop_of_the_cached_slice(patch_cache):
     assert starts_y <= set(range(-4, 1)) and len(starts_y) >= 3  # the 12-pixel axis: padded, moved
 
 
+def test_other_items_are_placed_uniformly(patch_cache):
+    """fg_fraction 0: every crop start of the allowed range (0..24 along the 40-pixel axis,
+    -4..0 along the 12-pixel one) is drawn, with a uniform mean."""
+    ds = PetCtSliceDataset(patch_cache, img_size=16, fg_fraction=0.0, augment=False,
+                           samples_per_epoch=1000, seed=1, inplane="patch")
+    starts = np.array([ds.locate(i)[2] for i in range(len(ds))])  # (1000, 2)
+    assert set(starts[:, 0]) == set(range(0, 25)) and set(starts[:, 1]) == set(range(-4, 1))
+    assert abs(starts[:, 0].mean() - 12) < 1.0 and abs(starts[:, 1].mean() + 2) < 0.25
+
+
 def test_tumour_items_contain_tumour_not_always_centred(patch_cache):
     ds = PetCtSliceDataset(patch_cache, img_size=16, fg_fraction=1.0, augment=False,
                            samples_per_epoch=60, seed=2, inplane="patch")
