@@ -81,7 +81,18 @@ class Config:
 
     # ---- model --------------------------------------------------------------------------
     model: str = "transunet_small"  # models.list_models(); paper: transunet_r50_vit_b16
-    img_size: int = 128  # square, divisible by 16; slices are resized to it
+    img_size: int = 128  # square, divisible by 16: the network input (resize: slices are resized
+    # to it; patch: the crop / sliding-window tile size, at the slices' own resolution)
+    # In-plane handling (docs/training.md, "In-plane handling: resize or patch"):
+    # resize = every slice resampled to img_size x img_size (training and inference);
+    # patch = img_size x img_size crops of the cached slice at its own spacing for training,
+    # sliding-window tiles (Gaussian-weighted, `patch_overlap`) at inference.
+    inplane: str = "resize"  # resize | patch
+    # patch only: resample each study's in-plane grid ONCE in the cache to this spacing (mm;
+    # CT/PET linear, labels nearest, z untouched); evaluation maps the probabilities back to the
+    # study's original grid. None = the native spacing.
+    target_spacing: Optional[float] = None
+    patch_overlap: float = 0.5  # patch only: sliding-window overlap in [0.5, 1) (nnU-Net: 0.5)
     n_skip: int = 3  # TransUNet decoder skip connections (0-3)
     # local weight file: Google's R50+ViT-B_16.npz (transunet_*) or a state_dict (.pt / .pth);
     # "none" = from scratch, said explicitly (the paper preset requires one or the other)
@@ -235,6 +246,7 @@ CHOICES = {
     "schedule": ("cosine", "poly", "constant"),
     "amp": ("auto", "True", "False"),
     "channels_last": ("auto", "True", "False"),
+    "inplane": ("resize", "patch"),
 }
 # key -> (lowest, highest, lowest allowed itself, highest allowed itself); None = unbounded
 RANGES = {
@@ -262,6 +274,7 @@ RANGES = {
     "min_component_suvmax": (0.0, None, True, True),
     "uptake_suv": (0.0, None, False, True), "p_misalign": (0.0, 1.0, True, True),
     "ema_decay": (0.0, 1.0, True, False),
+    "target_spacing": (0.0, None, False, True), "patch_overlap": (0.5, 1.0, True, False),
 }
 
 
@@ -314,9 +327,26 @@ def _validate(cfg: Config) -> None:
         if cfg.n_test < 1:
             raise ConfigError("--n_test=0 with --phantom_test_seed: give --n_test >= 1 or "
                               "--phantom_test_seed=None")
+    _validate_inplane(cfg)
     if cfg.warmup_steps >= cfg.epochs * cfg.steps_per_epoch:
         raise ConfigError(f"--warmup_steps={cfg.warmup_steps} is not shorter than the run "
                           f"({cfg.epochs} x {cfg.steps_per_epoch} steps); lower it")
+
+
+def _validate_inplane(cfg: Config) -> None:
+    """target_spacing and patch_overlap belong to --inplane=patch: in resize mode every slice is
+    resampled to img_size² whatever its spacing, and there is no sliding window, so either
+    setting would silently do nothing there."""
+    if cfg.inplane == "patch":
+        return
+    if cfg.target_spacing is not None:
+        raise ConfigError(f"--target_spacing={cfg.target_spacing} resamples the cache for "
+                          f"--inplane=patch; with --inplane=resize every slice is resized to "
+                          f"--img_size={cfg.img_size} anyway. Drop it, or set --inplane=patch")
+    if cfg.patch_overlap != Config.patch_overlap:
+        raise ConfigError(f"--patch_overlap={cfg.patch_overlap} is the sliding-window overlap of "
+                          "--inplane=patch; resize mode predicts whole resized slices. Drop it, "
+                          "or set --inplane=patch")
 
 
 def _validate_new_run(cfg: Config) -> None:

@@ -86,13 +86,23 @@ def build_train_set(cfg: config.Config, studies: list) -> "data.PetCtSliceDatase
         studies, img_size=cfg.img_size, fg_fraction=cfg.fg_fraction, augment=cfg.augment,
         context_slices=cfg.context_slices, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
         seed=cfg.seed, aux_target=cfg.aux_target, aux_classes=aux_classes(cfg) or None,
-        uptake_suv=cfg.uptake_suv, suv_max=cfg.suv_max, p_misalign=cfg.p_misalign)
+        uptake_suv=cfg.uptake_suv, suv_max=cfg.suv_max, p_misalign=cfg.p_misalign,
+        inplane=cfg.inplane)
+
+
+def inference_options(cfg: config.Config) -> dict:
+    """The keyword arguments of `inference.predict_study` that come from the run's config: the
+    same in-plane path (resize: whole slices resized to img_size; patch: sliding-window tiles of
+    img_size at the cached resolution, `patch_overlap`) for validation, evaluation, threshold
+    tuning and prediction. The caller adds device, amp_dtype and tta."""
+    return dict(inplane=cfg.inplane, img_size=cfg.img_size, overlap=cfg.patch_overlap,
+                batch_size=cfg.eval_batch_size, context_slices=cfg.context_slices)
 
 
 def _data_kwargs(cfg: config.Config) -> dict:
     return dict(cache_dir=cfg.cache_dir, layout=cfg.layout, ct_channel=cfg.ct_channel,
                 pet_channel=cfg.pet_channel, ct_window=cfg.ct_window, suv_max=cfg.suv_max,
-                resample=cfg.resample)
+                resample=cfg.resample, target_spacing=cfg.target_spacing)
 
 
 def prepare_data(cfg: config.Config) -> "data.prepare.Manifest":

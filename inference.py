@@ -1,7 +1,10 @@
 """Slice-wise inference of a 2-D (2.5-D) model over a whole 3-D study, shared by training.py
 (validation on whole studies) and test.py (evaluation, prediction).
 
-Not a script; used as `inference.predict_volume(model, cached_study, img_size=..., device=...)`.
+Not a script; used as `inference.predict_study(model, cached_study, **factory.inference_options(cfg),
+device=..., amp_dtype=..., tta=...)`, which takes the run's in-plane path: `predict_volume`
+(inplane="resize": each slice resized to img_size²) or `predict_volume_sliding` (inplane="patch":
+sliding-window tiles of img_size² at the cached resolution).
 """
 
 from __future__ import annotations
@@ -292,8 +295,40 @@ def predict_volume_sliding(model: torch.nn.Module, study: Any, *, patch: int, ov
             logits = sliding_window_logits(model, xi, patch=patch, overlap=overlap,
                                            batch_size=batch_size, gaussian=gaussian,
                                            sigma_scale=sigma_scale, amp_dtype=amp_dtype)
+            if not torch.isfinite(logits).all():  # as in predict_volume: never a silent 0 / 1
+                raise NonFiniteError(
+                    f"study {getattr(study, 'case_id', '?')}: the model gave non-finite logits "
+                    f"in slices {start}-{start + len(rows) - 1} (autocast {amp_dtype}); evaluate "
+                    "in float32 (--amp=False) or check the checkpoint")
             p = torch.sigmoid(logits[:, 0])  # (B, X, Y)
             probs += p if dims is None else torch.flip(p, dims)
         probs /= len(flips)
         out[:, :, start:start + len(rows)] = probs.permute(1, 2, 0).cpu().numpy()
     return out
+
+
+INPLANE_MODES = ("resize", "patch")
+
+
+def predict_study(model: torch.nn.Module, study: Any, *, inplane: str = "resize", img_size: int,
+                  overlap: float = 0.5, batch_size: int = 32, device: torch.device | str = "cpu",
+                  amp_dtype: torch.dtype | None = None, tta: bool = False,
+                  context_slices: int = 0) -> np.ndarray:
+    """Tumour probabilities (X, Y, Z) float32 of one cached study on its cache grid, by the path
+    the model was trained for; the one call validation (training.validate_study), evaluation,
+    threshold tuning and prediction (test.py) make, with `factory.inference_options(cfg)`.
+
+    inplane "resize": `predict_volume` (every slice resized to img_size², logits resized back);
+    "patch": `predict_volume_sliding` with patch = img_size and `overlap` (Gaussian-weighted
+    tiles at the slice's own resolution, the model having been trained on img_size² crops).
+    A study cached with target_spacing comes back on the resampled grid: CachedStudy.to_original
+    maps it onto the study's own grid.
+    """
+    common = dict(batch_size=batch_size, device=device, amp_dtype=amp_dtype, tta=tta,
+                  context_slices=context_slices)
+    if inplane == "resize":
+        return predict_volume(model, study, img_size=img_size, **common)
+    if inplane == "patch":
+        return predict_volume_sliding(model, study, patch=img_size, overlap=overlap, **common)
+    raise ValueError(f"inplane={inplane!r}: use one of {', '.join(INPLANE_MODES)} "
+                     "(the run's --inplane setting)")

@@ -51,10 +51,10 @@ import factory
 import quantification
 import report
 import runtime
-from data.geometry import save_mask_nifti
+from data.geometry import save_mask_nifti, spacing_from_affine
 from data.prepare import check_same_data, load_manifest
 from data.split import load_split
-from inference import predict_volume
+from inference import predict_study
 from metrics import (POSTPROCESS_GRID, case_metrics, choose_postprocessing, format_summary,
                      postprocess_counts, postprocess_mask, summarise_cohort)
 from pictures import overlay_png
@@ -118,15 +118,18 @@ def _write_summary(summary: dict, path: Path) -> None:
 
 def study_volumes(cached: Any, suv_max: float) -> tuple[np.ndarray, np.ndarray, str]:
     """(SUV, mask) of a study on its (X, Y, Z) grid from its original files (unclipped SUV,
-    the user's exact mask), read again through the StudyRef it was cached from; for a study
-    that has no files (an in-memory Study) they are recovered from the cache (mask voxel-exact,
-    SUV = (ch1 + 1) * suv_max / 2 in float16, clipped at suv_max) and the origin says "cache"."""
+    the user's exact mask, on the study's own grid even when the cache resampled it with
+    target_spacing), read again through the StudyRef it was cached from; for a study that has
+    no files (an in-memory Study) they are recovered from the cache (mask voxel-exact,
+    SUV = (ch1 + 1) * suv_max / 2 in float16, clipped at suv_max; on the cache grid) and the
+    origin says "cache"."""
     ref = cached.study_ref() if hasattr(cached, "study_ref") else None
     if ref is not None:
         study = data.load_study(ref)
-        if tuple(study.shape) != tuple(cached.shape):
+        expected = tuple(getattr(cached, "original_shape", None) or cached.shape)
+        if tuple(study.shape) != expected:
             raise EvaluationError(f"study {cached.case_id}: its files ({ref.paths}) now hold a "
-                                  f"{study.shape} volume, the cache a {tuple(cached.shape)} one; "
+                                  f"{study.shape} volume, the cache a {expected} one; "
                                   "the source changed after caching: run again to re-cache it")
         mask = study.mask if study.mask is not None else np.zeros(study.shape, np.uint8)
         return study.pet, mask, "original"
@@ -134,6 +137,31 @@ def study_volumes(cached: Any, suv_max: float) -> tuple[np.ndarray, np.ndarray, 
     suv = (np.moveaxis(np.asarray(image[:, 1], np.float32), 0, -1) + 1.0) * (suv_max / 2.0)
     mask = np.moveaxis(np.asarray(cached.mask()), 0, -1)  # (Z, X, Y) -> (X, Y, Z)
     return suv, mask, "cache"
+
+
+def _on_original_grid(cached: Any) -> bool:
+    """True when a study's scores and mask belong on its own grid rather than the cache's: it was
+    resampled (target_spacing) and its original files can be read again (study_volumes)."""
+    return bool(getattr(cached, "resampled", False)) and cached.study_ref() is not None
+
+
+def scoring_grid(cached: Any) -> tuple[tuple[float, float, float], np.ndarray]:
+    """(spacing mm, affine (4, 4)) of the grid a study is scored on and its mask written on: the
+    study's own grid (what its files and reference mask hold), i.e. the grid before any
+    target_spacing resampling; for an in-memory study (no files) the cache grid."""
+    if _on_original_grid(cached):
+        affine = np.asarray(cached.original_affine, np.float64)
+        return spacing_from_affine(affine), affine
+    return tuple(float(v) for v in cached.spacing), np.asarray(cached.affine, np.float64)
+
+
+def study_probabilities(model: torch.nn.Module, cached: Any, **options: Any) -> np.ndarray:
+    """Tumour probabilities (X, Y, Z) float32 on the study's scoring grid (`scoring_grid`):
+    `inference.predict_study(model, cached, **options)` (options: factory.inference_options(cfg)
+    + device, amp_dtype, tta) on the cache grid, mapped back linearly onto the study's own grid
+    when the cache resampled it (CachedStudy.to_original)."""
+    prob = predict_study(model, cached, **options)  # (X, Y, Z) on the cache grid
+    return cached.to_original(prob, order=1) if _on_original_grid(cached) else prob
 
 
 def load_run_model(run_dir: Path, cfg: config.Config, checkpoint_name: str,
@@ -235,16 +263,19 @@ THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .
 
 def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size: int,
                      batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype],
-                     tta: bool, context_slices: int, suv_max: float,
+                     tta: bool, context_slices: int, suv_max: float, inplane: str = "resize",
+                     overlap: float = 0.5,
                      candidates: Sequence[float] = THRESHOLD_CANDIDATES) -> tuple[float, dict]:
     """The probability threshold that maximises the pooled Dice 2TP / (2TP + FP + FN) over
     `studies` (the VALIDATION studies: test studies never choose anything, docs/study.md). Ties go
-    to the higher threshold (fewer false positives). Returns (threshold, {threshold: pooled Dice})."""
+    to the higher threshold (fewer false positives). Probabilities as in `evaluate`
+    (`study_probabilities`: the run's in-plane path, on the study's own grid). Returns
+    (threshold, {threshold: pooled Dice})."""
     counts = np.zeros((len(candidates), 3))  # TP, FP, FN per candidate
     for cached in studies:
-        prob = predict_volume(model, cached, img_size=img_size, batch_size=batch_size,
-                              device=device, amp_dtype=amp_dtype, tta=tta,
-                              context_slices=context_slices)
+        prob = study_probabilities(model, cached, inplane=inplane, img_size=img_size,
+                                   overlap=overlap, batch_size=batch_size, device=device,
+                                   amp_dtype=amp_dtype, tta=tta, context_slices=context_slices)
         _, ref, _ = study_volumes(cached, suv_max)
         ref = ref.astype(bool)
         for k, threshold in enumerate(candidates):
@@ -268,9 +299,8 @@ def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settin
         return settings["threshold"], None
     studies = run_studies(run_dir, cfg, subset="val")
     threshold, curve = choose_threshold(
-        model, studies, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
-        device=torch.device(settings["device"]), amp_dtype=amp_dtype, tta=settings["tta"],
-        context_slices=cfg.context_slices, suv_max=cfg.suv_max)
+        model, studies, **factory.inference_options(cfg), device=torch.device(settings["device"]),
+        amp_dtype=amp_dtype, tta=settings["tta"], suv_max=cfg.suv_max)
     log.info("threshold %.2f chosen on %d validation studies (pooled Dice %.3f)", threshold,
              len(studies), curve[f"{threshold:.2f}"])
     return threshold, {"chosen": threshold, "n_val_studies": len(studies), "val_pooled_dice": curve}
@@ -283,11 +313,11 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
     studies = run_studies(run_dir, cfg, subset="val")
     counts = None
     for cached in studies:
-        prob = predict_volume(model, cached, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
-                              device=torch.device(settings["device"]), amp_dtype=amp_dtype,
-                              tta=settings["tta"], context_slices=cfg.context_slices)
+        prob = study_probabilities(model, cached, **factory.inference_options(cfg),
+                                   device=torch.device(settings["device"]), amp_dtype=amp_dtype,
+                                   tta=settings["tta"])
         suv, ref, _ = study_volumes(cached, cfg.suv_max)
-        study_counts = postprocess_counts(prob, ref, suv, cached.spacing)
+        study_counts = postprocess_counts(prob, ref, suv, scoring_grid(cached)[0])
         counts = study_counts if counts is None else counts + study_counts
     chosen, dice = choose_postprocessing(counts)
     settings["postprocess"] = {k: chosen[k] for k in ("suv_floor", "min_component_ml",
@@ -304,15 +334,20 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
 def _score_study(cached: Any, prob: np.ndarray, *, threshold: float, post: dict, suv_max: float,
                  out: Path, save_overlays: bool) -> tuple[dict, Optional[dict], list[dict]]:
     """Metrics (and post-processed metrics), PET quantities and lesion rows of one study; writes
-    its predicted mask (and overlay) into `out`."""
+    its predicted mask (and overlay) into `out`. prob (X, Y, Z) on the study's scoring grid
+    (`study_probabilities`), the grid of its reference mask."""
     suv, ref, origin = study_volumes(cached, suv_max)
+    spacing, affine = scoring_grid(cached)
+    if prob.shape != ref.shape:  # a bug, not a user error: the two grids must be the same
+        raise RuntimeError(f"study {cached.case_id}: probabilities {prob.shape} and reference "
+                           f"{ref.shape} are on different grids")
     pred = prob > threshold
-    row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing, lesions=True),
+    row = {"case_id": cached.case_id, **case_metrics(pred, ref, spacing, lesions=True),
            "mask_from": origin}
     pp_row = None
     if any(value > 0 for value in post.values()):
-        pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
-        pp_row = {"case_id": cached.case_id, **case_metrics(pred, ref, cached.spacing, lesions=True)}
+        pred = postprocess_mask(pred, spacing=spacing, suv=suv, **post)
+        pp_row = {"case_id": cached.case_id, **case_metrics(pred, ref, spacing, lesions=True)}
         row.update({f"pp_{k}": v for k, v in pp_row.items() if k in CSV_COLUMNS[2:]})
     detected = (pp_row or row).pop("lesion_detected")
     row.pop("lesion_detected", None)
@@ -320,13 +355,13 @@ def _score_study(cached: Any, prob: np.ndarray, *, threshold: float, post: dict,
         pp_row.pop("lesion_detected", None)
     lesions = []
     if origin == "original":  # PET quantities need the unclipped SUV of the study's own file
-        row.update(quantification.study_columns(suv, pred, ref, cached.spacing))
-        lesions = quantification.lesion_table(suv, ref, cached.spacing, detected,
+        row.update(quantification.study_columns(suv, pred, ref, spacing))
+        lesions = quantification.lesion_table(suv, ref, spacing, detected,
                                               case_id=cached.case_id)
-    save_mask_nifti(pred, np.asarray(cached.affine), out / "predictions" / f"{cached.case_id}.nii.gz")
+    save_mask_nifti(pred, affine, out / "predictions" / f"{cached.case_id}.nii.gz")
     if save_overlays:
         scored = pp_row or row
-        png = overlay_png(suv, ref, pred, cached.spacing, title=f"{cached.case_id}  Dice "
+        png = overlay_png(suv, ref, pred, spacing, title=f"{cached.case_id}  Dice "
                           f"{scored['dice']:.3f}  FPV {scored['fpv_ml']:.2f} ml")
         _atomic_write_bytes(out / "overlays" / f"{cached.case_id}.png", png)
     return row, pp_row, lesions
@@ -370,8 +405,10 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
 
     Everything comes from `run_dir/config.json`; `tta`, `postprocess` ({"min_component_ml",
     "suv_floor"}), `threshold` and `device` override it. Per study: probabilities
-    (inference.predict_volume, under the autocast dtype the run trained with) > threshold ->
-    metrics (metrics.case_metrics) against the study's own mask and PET quantities
+    (inference.predict_study by the run's in-plane path, under the autocast dtype the run
+    trained with) > threshold ->
+    metrics (metrics.case_metrics) against the study's own mask on its own grid (a study cached
+    with target_spacing: the probabilities mapped back, `study_probabilities`) and PET quantities
     (quantification.study_columns) on its unclipped SUV; with post-processing configured, the
     post-processed mask is scored too (columns `pp_*`, summary "postprocessed") and is the one
     written. The folder (see the module docstring) gets per_case.csv, lesions.csv,
@@ -399,10 +436,9 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
         rows, pp_rows, lesions = [], [], []
         bar = tqdm(studies, desc="evaluate", unit="study", disable=not progress)
         for cached in bar:
-            prob = predict_volume(model, cached, img_size=cfg.img_size,
-                                  batch_size=cfg.eval_batch_size, device=device,
-                                  amp_dtype=amp_dtype, tta=settings["tta"],
-                                  context_slices=cfg.context_slices)  # (X, Y, Z)
+            prob = study_probabilities(model, cached, **factory.inference_options(cfg),
+                                       device=device, amp_dtype=amp_dtype,
+                                       tta=settings["tta"])  # (X, Y, Z) on the scoring grid
             row, pp_row, study_lesions = _score_study(
                 cached, prob, threshold=settings["threshold"], post=settings["postprocess"],
                 suv_max=cfg.suv_max, out=tmp, save_overlays=cfg.save_overlays)
@@ -440,7 +476,9 @@ def _summary(rows: list[dict], pp_rows: list[dict], cfg: config.Config, settings
                                   "validated on: not a test"}
     summary["settings"] = {**settings, "run_dir": str(run_dir), "checkpoint": checkpoint_name,
                            "data_dir": data_dir, "model": cfg.model, "img_size": cfg.img_size,
-                           "context_slices": cfg.context_slices}
+                           "context_slices": cfg.context_slices, "inplane": cfg.inplane,
+                           "patch_overlap": cfg.patch_overlap,
+                           "target_spacing": cfg.target_spacing}
     summary["environment"] = {"git_commit": runtime.git_commit(), "torch": torch.__version__}
     return summary
 
@@ -466,7 +504,8 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
                 threshold: Optional[float] = None, device: Optional[torch.device | str] = None,
                 progress: bool = True) -> list[Path]:
     """Masks for every study of `input_dir` (labelled or not) as `<output_dir>/<case_id>.nii.gz`
-    (uint8, the study's affine and shape). Threshold, TTA and post-processing as in `evaluate`.
+    (uint8, the study's own affine and shape, also when the run's cache resamples with
+    target_spacing). Threshold, TTA, in-plane path and post-processing as in `evaluate`.
     Nothing is written into input_dir, and no existing file of output_dir is replaced; the
     studies are cached in their own folders of the run's cache_dir."""
     run_dir, input_dir, output_dir = Path(run_dir), Path(input_dir), Path(output_dir)
@@ -491,15 +530,15 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
     threshold, _ = _threshold(run_dir, cfg, model, settings, amp_dtype)
     written = []
     for cached in tqdm(studies, desc="predict", unit="study", disable=not progress):
-        prob = predict_volume(model, cached, img_size=cfg.img_size, batch_size=cfg.eval_batch_size,
-                              device=device, amp_dtype=amp_dtype, tta=settings["tta"],
-                              context_slices=cfg.context_slices)  # (X, Y, Z)
+        prob = study_probabilities(model, cached, **factory.inference_options(cfg), device=device,
+                                   amp_dtype=amp_dtype, tta=settings["tta"])  # (X, Y, Z)
+        spacing, affine = scoring_grid(cached)
         pred = prob > threshold
         if any(value > 0 for value in post.values()):
             suv, _, _ = study_volumes(cached, cfg.suv_max)
-            pred = postprocess_mask(pred, spacing=cached.spacing, suv=suv, **post)
+            pred = postprocess_mask(pred, spacing=spacing, suv=suv, **post)
         path = output_dir / f"{cached.case_id}.nii.gz"
-        save_mask_nifti(pred, np.asarray(cached.affine), path)
+        save_mask_nifti(pred, affine, path)
         written.append(path)
     log.info("%d masks written to %s", len(written), output_dir)
     return written
@@ -526,21 +565,39 @@ def export_run_onnx(run_dir: str | os.PathLike, path: str | os.PathLike, *,
 
 def _test_slices(run_dir: Path, cfg: config.Config, n: int) -> torch.Tensor:
     """(n, C, S, S) model inputs from the run's test studies (tumour slices first), exactly as
-    inference builds them."""
-    from data import to_model_grid
-    from inference import context_indices
+    inference builds them: resize mode the whole slice resized to S²; patch mode an S x S tile
+    of the slice at its cached resolution (a sliding-window tile), placed around the slice's
+    tumour (its bounding-box centre) or at the slice's centre, padded with -1 if the slice is
+    smaller."""
+    from data import crop_or_pad, to_model_grid
+    from inference import PAD_VALUE, context_indices
 
-    slices = []
+    slices, size = [], cfg.img_size
     for cached in run_studies(run_dir, cfg):
-        image = cached.image()  # (Z, 2, X, Y)
+        image, mask = cached.image(), cached.mask()  # (Z, 2, X, Y), (Z, X, Y)
         zs = list(cached.fg_slices) + [image.shape[0] // 2]
         index = context_indices(image.shape[0], cfg.context_slices)
         for z in zs[:max(1, n // 4)]:
-            x = np.asarray(image[index[z]], np.float32).reshape(1, -1, *image.shape[2:])
-            slices.append(to_model_grid(torch.from_numpy(x), cfg.img_size))
+            x = torch.from_numpy(np.asarray(image[index[z]], np.float32).reshape(-1, *image.shape[2:]))
+            if cfg.inplane == "patch":
+                slices.append(crop_or_pad(x, _tile_start(np.asarray(mask[z]), size), size,
+                                          PAD_VALUE)[None])
+            else:
+                slices.append(to_model_grid(x[None], size))
         if len(slices) >= n:
             break
     return torch.cat(slices[:n])
+
+
+def _tile_start(mask: np.ndarray, size: int) -> tuple[int, int]:
+    """(x0, y0) of the size x size tile centred on the bounding box of the tumour in `mask`
+    (X, Y), or on the slice's centre without tumour, moved inside the slice where it is larger."""
+    starts = []
+    for axis, n in enumerate(mask.shape):
+        found = np.flatnonzero(mask.any(axis=1 - axis))
+        centre = (found[0] + found[-1] + 1) // 2 if len(found) else n // 2
+        starts.append(int(np.clip(centre - size // 2, min(0, n - size), max(0, n - size))))
+    return starts[0], starts[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ class TrainSettings:
     ema_decay: float = 0.0  # > 0: validate / evaluate an exponential moving average of the weights
     img_size: int = 128
     context_slices: int = 0
+    inplane: str = "resize"  # validation path: resize (predict_volume) | patch (sliding window)
+    patch_overlap: float = 0.5  # patch: sliding-window overlap
     eval_batch_size: int = 32  # validation: slices per forward pass
     threshold: float = 0.5
     keep_epoch_checkpoints: bool = False  # the weights after every validation: epoch_<k>.pt
@@ -193,7 +195,7 @@ class Loop:
     nonfinite_total: int = 0
     nonfinite_run: int = 0
     stop_agreed: bool = False  # every rank saw the same decision (DDP all-reduce)
-    validation: dict = field(default_factory=dict)  # predict_volume options
+    validation: dict = field(default_factory=dict)  # inference.predict_study options
     ema: nn.Module | None = None  # moving average of raw_model's weights (ema_decay > 0)
     ema_decay: float = 0.0
 
@@ -304,10 +306,12 @@ def _skip_step(loop: Loop, reason: str) -> None:
 
 
 def validate_study(loop: Loop, study: Any, threshold: float) -> dict:
-    """Predict one whole 3-D study and count voxels against its mask (X, Y, Z)."""
-    from inference import predict_volume
+    """Predict one whole 3-D study (`inference.predict_study`: the run's in-plane path, the one
+    test.py evaluates with) and count voxels against its cached mask (X, Y, Z), on the cache
+    grid (the resampled one with target_spacing: checkpoint selection, not the reported score)."""
+    from inference import predict_study
 
-    prob = predict_volume(loop.eval_model, study, device=loop.device, **loop.validation)  # (X, Y, Z)
+    prob = predict_study(loop.eval_model, study, device=loop.device, **loop.validation)  # (X, Y, Z)
     pred = prob > threshold
     ref = np.moveaxis(np.asarray(study.mask()), 0, -1) > 0  # (Z, X, Y) -> (X, Y, Z)
     tp = int(np.count_nonzero(pred & ref))
@@ -534,8 +538,9 @@ def build_loop(model: nn.Module, loss_fn: Callable, device: torch.device, stop: 
     if s.compile:
         net = torch.compile(net)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    validation = dict(img_size=s.img_size, batch_size=s.eval_batch_size,
-                      context_slices=s.context_slices, amp_dtype=amp_dtype)
+    validation = dict(inplane=s.inplane, img_size=s.img_size, overlap=s.patch_overlap,
+                      batch_size=s.eval_batch_size, context_slices=s.context_slices,
+                      amp_dtype=amp_dtype)
     ema = None
     if s.ema_decay > 0:
         ema = copy.deepcopy(raw_model).eval()

@@ -11,7 +11,8 @@ from .io import find_studies, load_study
 from .split import load_split, save_split, split_cases
 from .study import DataError, Study, StudyRef
 
-_DATASET_NAMES = ("PetCtSliceDataset", "from_model_grid", "to_model_grid", "worker_init_fn")
+_DATASET_NAMES = ("PetCtSliceDataset", "crop_or_pad", "from_model_grid", "to_model_grid",
+                  "worker_init_fn")
 
 
 def __getattr__(name: str):  # PEP 562: torch is imported only by code that uses the dataset

@@ -16,6 +16,15 @@ found without being read. Each study's meta.json records its fingerprint and `co
 a hash of the bytes of its cached arrays: a run records the hashes of its studies, and
 evaluation refuses a study whose cached bytes differ from the ones the run saw.
 
+In-plane resampling (`target_spacing`, for patch-mode training; None = the native grid): each
+study's CT / PET (linear) and mask / organ labels (nearest) are resampled ONCE, before the
+normalisation, onto the grid of in-plane spacing `target_spacing` mm over the same field of
+view (`data.geometry.inplane_grid`; z untouched). It is part of the cache key (another folder),
+and the CachedStudy's shape / spacing / affine / fg_slices are those of the resampled grid; its
+`original_shape` / `original_affine` keep the study's own grid, and `to_original(volume)` maps
+a volume (e.g. probabilities, linear) back onto it for scoring and for the written masks. The
+file layout is unchanged (meta.json gains those keys), so FORMAT_VERSION stays.
+
 Intensities (both channels in [-1, 1], stored as float16: ~3 significant digits, i.e. ~1 HU
 over a 2000 HU window and ~0.01 SUV at suv_max = 20, far below CT and PET noise):
     ch0 = 2 * (clip(CT, lo, hi) - lo) / (hi - lo) - 1          (ct_window = (lo, hi) in HU)
@@ -57,8 +66,10 @@ _BLOCK = 16  # slices normalised at once: bounds the temporaries to a few MB per
 class CachedStudy:
     """One preprocessed study in the cache (metadata only; arrays are memory-mapped on demand).
 
-    shape: (X, Y, Z) of the source grid; spacing in mm (X, Y, Z); affine (4, 4) voxel -> world
-    as nested lists (JSON); fg_slices: z indices whose mask has at least one tumour voxel.
+    shape: (X, Y, Z) of the cached grid (the source grid unless `target_spacing` resampled it);
+    spacing in mm (X, Y, Z); affine (4, 4) voxel -> world as nested lists (JSON); fg_slices: z
+    indices whose mask has at least one tumour voxel. original_shape / original_affine: the
+    source grid of a resampled study (None otherwise).
     has_organs: the study has organ labels (`organs()`); max_organ_label: their largest value
     (0 without); suv_max: the SUV clip of the PET channel (ch1 = 2 clip(SUV, 0, suv_max) /
     suv_max - 1), None for caches written before it was recorded.
@@ -79,6 +90,27 @@ class CachedStudy:
     suv_max: float | None = None
     content_hash: str | None = None  # blake2b of the cached arrays' bytes (None: older caches)
     ref: dict | None = None  # the StudyRef it was read from (None for an in-memory Study)
+    # with target_spacing: the study's own grid before the in-plane resampling (None: not resampled)
+    original_shape: tuple[int, int, int] | None = None
+    original_affine: list | None = None
+    target_spacing: float | None = None
+
+    @property
+    def resampled(self) -> bool:
+        """True when the cache holds the study on another in-plane grid than its files."""
+        return self.original_shape is not None
+
+    def to_original(self, volume: np.ndarray, order: int = 1) -> np.ndarray:
+        """A volume (X, Y, Z) on the cache grid -> (X0, Y0, Z) float32 on the study's original
+        grid (order 1: linear, for probabilities; 0: nearest, for labels); unchanged when the
+        study was not resampled. Every original voxel centre lies inside the cache grid
+        (`inplane_grid` rounds the voxel count up), so nothing is filled in."""
+        if not self.resampled:
+            return volume
+        from data.geometry import resample_to_grid  # scipy only when something is resampled
+
+        return resample_to_grid(volume, np.asarray(self.affine), np.asarray(self.original_affine),
+                                tuple(self.original_shape), order=order, cval=0.0)
 
     def study_ref(self) -> StudyRef | None:
         """The StudyRef this study was read from, to read its original files again."""
@@ -102,10 +134,21 @@ class CachedStudy:
         return np.load(Path(self.directory) / "organs.npy", mmap_mode="r")
 
 
-def cache_key(ct_window: tuple[float, float], suv_max: float) -> str:
-    """Short hash of the preprocessing parameters and FORMAT_VERSION (the cache sub-folder)."""
+def cache_params(ct_window: tuple[float, float], suv_max: float,
+                 target_spacing: float | None = None) -> dict:
+    """The preprocessing parameters that define a cache folder (target_spacing only when set,
+    so the caches written before it existed keep their key)."""
     params = {"format": FORMAT_VERSION, "ct_window": [float(v) for v in ct_window],
               "suv_max": float(suv_max)}
+    if target_spacing is not None:
+        params["target_spacing"] = float(target_spacing)
+    return params
+
+
+def cache_key(ct_window: tuple[float, float], suv_max: float,
+              target_spacing: float | None = None) -> str:
+    """Short hash of the preprocessing parameters and FORMAT_VERSION (the cache sub-folder)."""
+    params = cache_params(ct_window, suv_max, target_spacing)
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -122,7 +165,9 @@ def load_cached(directory: str | os.PathLike) -> CachedStudy:
             fg_slices=list(meta["fg_slices"]), directory=str(directory),
             has_organs=bool(meta.get("has_organs", False)),
             max_organ_label=int(meta.get("max_organ_label", 0)), suv_max=meta.get("suv_max"),
-            content_hash=meta.get("content_hash"), ref=meta.get("ref"))
+            content_hash=meta.get("content_hash"), ref=meta.get("ref"),
+            original_shape=tuple(meta["original_shape"]) if meta.get("original_shape") else None,
+            original_affine=meta.get("original_affine"), target_spacing=meta.get("target_spacing"))
     except FileNotFoundError:
         raise DataError(f"no cached study at {directory} (missing meta.json); run "
                         f"prepare_cache again or point to the right cache_dir") from None
@@ -133,7 +178,8 @@ def load_cached(directory: str | os.PathLike) -> CachedStudy:
 
 def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLike, *,
                   ct_window: tuple[float, float] = (-1000.0, 1000.0), suv_max: float = 20.0,
-                  resample: bool = False, progress: bool = True) -> list[CachedStudy]:
+                  resample: bool = False, target_spacing: float | None = None,
+                  progress: bool = True) -> list[CachedStudy]:
     """Preprocess each study (a StudyRef, loaded with data.io.load_study, or a Study) into
     `cache_dir/<key>/<case_id>-<source>/` unless an up-to-date copy is there; return them in
     order.
@@ -141,6 +187,8 @@ def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLik
     `items` may be a lazy iterator: only one study is held in memory at a time.
     resample: passed to load_study for refs (CT / mask onto the PET grid when grids differ);
     it is part of each ref's fingerprint, so toggling it gives those studies new folders.
+    target_spacing: in-plane spacing in mm to resample every study to (module docstring), or
+    None for each study's own grid; part of the cache key.
     Every study is tried: the studies that cannot be read or preprocessed are reported together
     in one DataError at the end (the good ones stay cached), not one at a time.
     """
@@ -149,9 +197,11 @@ def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLik
         raise DataError(f"ct_window={tuple(ct_window)}: give (low, high) in HU with low < high")
     if not suv_max > 0:
         raise DataError(f"suv_max={suv_max} must be > 0 (SUV is clipped to [0, suv_max])")
-    root = Path(cache_dir) / cache_key((lo, hi), suv_max)
+    if target_spacing is not None and not target_spacing > 0:
+        raise DataError(f"target_spacing={target_spacing} must be > 0 (mm) or None (native grid)")
+    root = Path(cache_dir) / cache_key((lo, hi), suv_max, target_spacing)
     root.mkdir(parents=True, exist_ok=True)
-    params = {"format": FORMAT_VERSION, "ct_window": [lo, hi], "suv_max": float(suv_max)}
+    params = cache_params((lo, hi), suv_max, target_spacing)
     (root / "params.json").write_text(json.dumps(params, indent=1))  # for humans only
 
     total = len(items) if hasattr(items, "__len__") else None
@@ -165,7 +215,7 @@ def prepare_cache(items: Iterable[StudyRef | Study], cache_dir: str | os.PathLik
             continue
         seen[item.case_id] = _source(item)
         try:
-            cached.append(_cache_one(item, root, (lo, hi), float(suv_max), resample))
+            cached.append(_cache_one(item, root, (lo, hi), float(suv_max), resample, target_spacing))
         except DataError as err:
             bad.append((item.case_id, str(err)))
     if bad:
@@ -181,7 +231,7 @@ def _source(item: StudyRef | Study) -> str:
 
 
 def _cache_one(item: StudyRef | Study, root: Path, ct_window: tuple[float, float],
-               suv_max: float, resample: bool) -> CachedStudy:
+               suv_max: float, resample: bool, target_spacing: float | None = None) -> CachedStudy:
     case_id = item.case_id
     if not case_id or case_id.startswith(".") or "/" in case_id or os.sep in case_id:
         raise DataError(f"case_id {case_id!r} of {_source(item)} is not a safe folder name; "
@@ -196,10 +246,13 @@ def _cache_one(item: StudyRef | Study, root: Path, ct_window: tuple[float, float
         study = load_study(item, resample=resample)
     else:
         study = item
+    _check_study(study)
+    study, original = resample_inplane(study, target_spacing)
     tmp = root / f".tmp-{case_id}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         meta = _write_study(study, tmp, ct_window, suv_max)
+        meta.update(original or {})
         meta["fingerprint"] = fingerprint
         if isinstance(item, StudyRef):
             meta["ref"] = {"case_id": item.case_id, "patient_id": item.patient_id,
@@ -279,6 +332,37 @@ def _replace_dir(tmp: Path, final: Path) -> None:
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def resample_inplane(study: Study, target_spacing: float | None) -> tuple[Study, dict | None]:
+    """The study on the in-plane grid of spacing `target_spacing` (`data.geometry.inplane_grid`):
+    CT and PET linear, mask and organ labels nearest, z untouched. Returns (study, the original
+    grid as meta.json keys), or (study, None) when target_spacing is None or already the study's
+    in-plane spacing (within 1e-6 mm)."""
+    if target_spacing is None:
+        return study, None
+    from data.geometry import inplane_grid, resample_to_grid, spacing_from_affine
+
+    affine = np.asarray(study.affine, np.float64)
+    spacing = spacing_from_affine(affine)
+    if all(abs(spacing[a] - target_spacing) < 1e-6 for a in (0, 1)):
+        return study, None
+    shape, new_affine = inplane_grid(study.pet.shape, affine, target_spacing)
+
+    def on_grid(array: np.ndarray | None, order: int, cval: float, dtype) -> np.ndarray | None:
+        if array is None:
+            return None
+        out = resample_to_grid(array, affine, new_affine, shape, order=order, cval=cval)
+        return out.astype(dtype) if order else np.rint(out).astype(dtype)
+
+    resampled = Study(
+        ct=on_grid(study.ct, 1, -1000.0, np.float32), pet=on_grid(study.pet, 1, 0.0, np.float32),
+        mask=on_grid(study.mask, 0, 0.0, np.uint8), spacing=spacing_from_affine(new_affine),
+        affine=new_affine, case_id=study.case_id, patient_id=study.patient_id,
+        source=study.source, organs=on_grid(study.organs, 0, 0.0, np.uint8))
+    original = {"original_shape": [int(n) for n in study.pet.shape],
+                "original_affine": affine.tolist(), "target_spacing": float(target_spacing)}
+    return resampled, original
 
 
 def _check_study(study: Study) -> None:

@@ -32,10 +32,27 @@ on their order or on resuming mid-run. The epoch lives in shared memory, so `set
 reaches persistent DataLoader workers.
 
 Channels: C = 2 * (2 * context_slices + 1): (CT, PET) of slices z - c, ..., z + c, clamped at
-the ends of the volume; the centre slice is channels [2c, 2c + 1]. Slices of any in-plane
-size are resampled to S x S with `to_model_grid` (bilinear for images, nearest for masks);
-`from_model_grid` maps predictions back. Non-square slices are stretched to the square grid
-(and stretched back): simple and exactly invertible in shape.
+the ends of the volume; the centre slice is channels [2c, 2c + 1].
+
+In-plane handling (`inplane`):
+- "resize" (default): slices of any in-plane size are resampled to S x S with `to_model_grid`
+  (bilinear for images, nearest for masks); `from_model_grid` maps predictions back.
+  Non-square slices are stretched to the square grid (and stretched back): simple and exactly
+  invertible in shape, but a 400² autoPET slice at 2.04 mm becomes 3.6 mm pixels at S = 224.
+- "patch": an item is an S x S crop of the slice at its own (cached) resolution, the way the
+  autoPET winners train (nnU-Net patches at the native spacing; inference then tiles the slice
+  with a sliding window, `inference.predict_volume_sliding`). Where the crop lies is drawn from
+  its own stream `default_rng([seed, e, i, 2])` (so the slice choice and every augmentation draw
+  are those of resize mode): a tumour item (one of the `fg_fraction` share) is placed around a
+  tumour voxel of its slice drawn uniformly, that voxel at offset S/2 + U{-S/4..S/4} from the
+  crop's start on each axis (inside the crop's central half, not always at its centre), the
+  crop then shifted to lie inside the slice where the slice is larger than S; any other item at
+  a uniform position. A slice smaller than S is padded with -1 (air / no uptake in the cached
+  normalisation; 0 for the mask and aux labels), its position in the crop uniform too.
+  Geometry, intensity augmentation, aux targets and misalignment are those of resize mode: the
+  rotation / scale is one `affine_grid` + `grid_sample` over the whole slice (translation to
+  the crop centre, scale S / slice size), so a rotated crop takes real tissue from beyond its
+  edges instead of padding; without it the crop is an exact copy of the cached values.
 
 PET/CT misalignment (`p_misalign`, default 0 = off; the autoPET III winner, LesionTracer,
 Rokuss et al. 2024, used p = 0.1): with probability p the CT channels alone are rotated by
@@ -68,6 +85,8 @@ P_NOISE, NOISE_MAX_STD = 0.3, 0.02  # PET: + N(0, sigma^2), sigma ~ U(0, 0.02) i
 P_CT_SHIFT, CT_SHIFT_MAX = 0.5, 0.05  # CT: +- 0.05 in [-1, 1] units (50 HU for a 2000 HU window)
 MISALIGN_MAX_MM, MISALIGN_MAX_DEG = 4.0, 5.0  # CT vs PET: shift per axis, rotation (p_misalign)
 AUX_TARGETS = ("none", "organs", "uptake")
+INPLANE_MODES = ("resize", "patch")
+PAD_VALUE = -1.0  # image value outside a slice: CT at the window's lower bound (air), SUV 0
 _OPEN_MAPS = 64  # memory maps kept open per process (each holds a file descriptor)
 
 
@@ -123,13 +142,15 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
     uptake_suv: threshold of the uptake target in SUV; suv_max: the cache's SUV clip (None: read
       from the studies, which record it).
     p_misalign: probability of the CT-only misalignment augmentation (module docstring).
+    inplane: "resize" (slices resampled to S x S) or "patch" (S x S crops at the cached
+      resolution; module docstring). Items have the same shapes in both modes.
     """
 
     def __init__(self, studies: Sequence, *, img_size: int, fg_fraction: float = 0.33,
                  augment: bool = True, context_slices: int = 0, samples_per_epoch: int,
                  seed: int = 0, aux_target: str = "none", aux_classes: int | None = None,
                  uptake_suv: float = UPTAKE_SUV, suv_max: float | None = None,
-                 p_misalign: float = 0.0):
+                 p_misalign: float = 0.0, inplane: str = "resize"):
         if not studies:
             raise DataError("PetCtSliceDataset got no studies; check the split (train set empty?)")
         if img_size < 1 or samples_per_epoch < 1 or context_slices < 0 or seed < 0:
@@ -139,6 +160,9 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
             raise DataError(f"fg_fraction={fg_fraction} must be within [0, 1]")
         if not 0.0 <= p_misalign <= 1.0:
             raise DataError(f"p_misalign={p_misalign} must be within [0, 1]")
+        if inplane not in INPLANE_MODES:
+            raise DataError(f"inplane={inplane!r}: use one of {', '.join(INPLANE_MODES)}")
+        self.inplane = inplane
         self.studies = list(studies)
         self.aux_target, self.p_misalign = aux_target, p_misalign
         self.aux_classes = _aux_classes(self.studies, aux_target, aux_classes)
@@ -175,25 +199,67 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
 
     def pick(self, rng: np.random.Generator) -> tuple[int, int]:
         """(study index, z) of one item: a tumour slice with probability fg_fraction."""
+        return self._pick(rng)[:2]
+
+    def _pick(self, rng: np.random.Generator) -> tuple[int, int, bool]:
+        """(study index, z, drawn as a tumour item). The draws of `pick`: two per item."""
         if len(self._fg) and rng.random() < self.fg_fraction:
             k, z = self._fg[rng.integers(len(self._fg))]
-            return int(k), int(z)
+            return int(k), int(z), True
         g = rng.integers(self._starts[-1])
         k = int(np.searchsorted(self._starts, g, side="right")) - 1
-        return k, int(g - self._starts[k])
+        return k, int(g - self._starts[k]), False
+
+    def crop_start(self, i: int, mask: np.ndarray, tumour: bool) -> tuple[int, int]:
+        """Patch mode: (x0, y0), the crop's first pixel in slice coordinates (negative along an
+        axis where the slice is smaller than the patch), for item i of the current epoch.
+
+        mask (X, Y) of the item's slice. Drawn from `default_rng([seed, epoch, i, 2])`:
+        tumour item: a tumour voxel c uniform over the slice's tumour voxels, per axis
+          x0 = clip(c - S // 2 + U{-S // 4 .. S // 4}, lo, hi), so c lies in the crop;
+        other item: x0 = U{lo .. hi};  lo = min(0, X - S), hi = max(0, X - S).
+        """
+        size = self.img_size
+        rng = np.random.default_rng([self.seed, self.epoch, int(i), 2])
+        bounds = [(min(0, n - size), max(0, n - size)) for n in mask.shape]
+        if tumour:
+            xs, ys = np.nonzero(mask)
+            if len(xs):
+                j = rng.integers(len(xs))
+                starts = []
+                for c, (lo, hi) in zip((xs[j], ys[j]), bounds):
+                    offset = rng.integers(-(size // 4), size // 4 + 1)
+                    starts.append(int(np.clip(c - size // 2 + offset, lo, hi)))
+                return starts[0], starts[1]
+        return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in bounds)
+
+    def locate(self, i: int) -> tuple[int, int, tuple[int, int] | None]:
+        """(study index, z, crop start or None in resize mode) of item i of the current epoch:
+        where the item comes from, without building it."""
+        k, z, tumour = self._pick(np.random.default_rng([self.seed, self.epoch, int(i)]))
+        if self.inplane != "patch":
+            return k, z, None
+        return k, z, self.crop_start(i, np.asarray(self._open(k)[1][z]), tumour)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         if not 0 <= i < self.samples_per_epoch:
             raise IndexError(f"item {i} outside 0..{self.samples_per_epoch - 1}")
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        k, z = self.pick(rng)
+        k, z, tumour = self._pick(rng)
         image, mask = self._read(k, z)  # (C, X, Y), (1, X, Y)
         aux = self._read_aux(k, z, image, mask)  # (X, Y) int64 or None
+        crop = self.crop_start(i, mask[0].numpy(), tumour) if self.inplane == "patch" else None
         if self.augment:
             if self.p_misalign > 0:
                 rng_misalign = np.random.default_rng([self.seed, self.epoch, int(i), 1])
                 image = misalign_ct(image, self.studies[k].spacing[:2], rng_misalign, self.p_misalign)
-            return augment(image, mask, rng, self.img_size, aux=aux)
+            return augment(image, mask, rng, self.img_size, aux=aux, crop=crop)
+        if crop is not None:
+            image = crop_or_pad(image, crop, self.img_size, PAD_VALUE)
+            mask = crop_or_pad(mask, crop, self.img_size, 0.0)
+            if aux is None:
+                return image, mask
+            return image, mask, crop_or_pad(aux[None], crop, self.img_size, 0)[0]
         image = to_model_grid(image[None], self.img_size)[0]
         mask = to_model_grid(mask[None], self.img_size, mode="nearest")[0]
         if aux is None:
@@ -317,28 +383,70 @@ def misalign_ct(image: torch.Tensor, spacing: Sequence[float], rng: np.random.Ge
     return image
 
 
+def crop_or_pad(x: torch.Tensor, start: Sequence[int], size: int, fill: float) -> torch.Tensor:
+    """(C, X, Y) -> (C, S, S): out[:, a, b] = x[:, x0 + a, y0 + b] where that pixel exists, else
+    `fill` (start = (x0, y0) may be negative or run past the slice). Exact copy, no resampling."""
+    out = torch.full((x.shape[0], size, size), fill, dtype=x.dtype)
+    src, dst = [], []
+    for begin, n in zip(start, x.shape[-2:]):
+        lo, hi = max(begin, 0), min(begin + size, n)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - begin, max(lo, hi) - begin))
+    out[:, dst[0], dst[1]] = x[:, src[0], src[1]]
+    return out
+
+
+def affine_theta(angle: float, zoom: float, size: int, crop: Sequence[int] | None = None,
+                 slice_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """(1, 2, 3) `F.affine_grid` matrix (align_corners=False; rows = input W (Y) then H (X)
+    coordinate) of a rotation by `angle` (radians) with sampling-grid scale `zoom`.
+
+    crop None (resize mode): about the slice centre, output S x S spanning the whole slice
+      (a non-square slice is stretched): theta = [zoom R | 0], R = [[cos, -sin], [sin, cos]].
+    crop = (x0, y0) with slice_shape (X, Y) (patch mode): about the centre c = (x0 + S/2,
+      y0 + S/2) of the S x S crop, in slice pixels; the normalised input coordinate of a pixel
+      p is u = (2p + 1) / n - 1, so the crop [x0, x0 + S) of an n-pixel axis is u = (S / n) v +
+      (2 c / n - 1) for v in [-1, 1]:
+        theta = [diag(S / Y, S / X) zoom R | (2 c_y / Y - 1, 2 c_x / X - 1)],
+      one pixel of the output = one pixel of the slice (rigid in pixels, X != Y included).
+    """
+    cos, sin = zoom * math.cos(angle), zoom * math.sin(angle)
+    if crop is None:
+        return torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])  # (1, 2, 3)
+    nx, ny = slice_shape
+    cx, cy = crop[0] + size / 2.0, crop[1] + size / 2.0
+    sx, sy = size / nx, size / ny
+    return torch.tensor([[[sy * cos, -sy * sin, 2.0 * cy / ny - 1.0],
+                          [sx * sin, sx * cos, 2.0 * cx / nx - 1.0]]])
+
+
 def augment(image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator,
-            img_size: int, aux: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            img_size: int, aux: torch.Tensor | None = None,
+            crop: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
     """Random rotation/scale (resampled straight to S x S), flips, rot90, intensity jitter.
 
     image (C, X, Y) in [-1, 1] with CT on even and PET on odd channels; mask (1, X, Y) in {0, 1};
-    aux (X, Y) int64 class indices or None.
+    aux (X, Y) int64 class indices or None. crop None: the whole slice to S x S (resize mode);
+    crop (x0, y0): the S x S window of the slice starting there, at the slice's resolution
+    (patch mode; `affine_theta`, `crop_or_pad`).
     Returns (C, S, S), (1, S, S) [, aux (S, S) int64]. Geometry is shared by image, mask and aux
     (nearest for mask and aux, so labels stay labels); everything is drawn from `rng`, the
-    same draws with or without aux.
+    same draws with or without aux and in either mode.
     """
     labels = mask if aux is None else torch.cat([mask, aux[None].float()])  # (1 or 2, X, Y)
     if rng.random() < P_AFFINE:
         angle = math.radians(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
         zoom = 1.0 / rng.uniform(*SCALE_RANGE)  # sampling grid shrinks when the content grows
-        cos, sin = zoom * math.cos(angle), zoom * math.sin(angle)
-        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])  # (1, 2, 3)
+        theta = affine_theta(angle, zoom, img_size, crop, image.shape[-2:])  # (1, 2, 3)
         grid = F.affine_grid(theta, [1, 1, img_size, img_size], align_corners=False)
         # pad with -1 (air, zero uptake) by shifting to [0, 2] around zeros padding
         image = F.grid_sample(image[None] + 1.0, grid, mode="bilinear", padding_mode="zeros",
                               align_corners=False)[0] - 1.0
         labels = F.grid_sample(labels[None], grid, mode="nearest", padding_mode="zeros",
                                align_corners=False)[0]
+    elif crop is not None:
+        image = crop_or_pad(image, crop, img_size, PAD_VALUE)
+        labels = crop_or_pad(labels, crop, img_size, 0.0)
     else:
         image = to_model_grid(image[None], img_size)[0]
         labels = to_model_grid(labels[None], img_size, mode="nearest")[0]

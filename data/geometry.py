@@ -63,6 +63,30 @@ def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.n
     return out
 
 
+def inplane_grid(shape: tuple[int, int, int], affine: np.ndarray, target_spacing: float
+                 ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The grid of in-plane spacing `target_spacing` (mm, axes 0 and 1) over the same field of
+    view: (shape', affine'), z (axis 2) untouched.
+
+    Per in-plane axis with n voxels of spacing s: n' = ceil(n s / t) voxels of spacing t, centred
+    on the same point (the field of view's centre), so the new grid covers every old voxel
+    centre: new index j sits at old index i(j) = (n - 1) / 2 + (j - (n' - 1) / 2) t / s.
+    affine' = affine @ M with M the (4, 4) map new index -> old index:
+    diag(t / s_x, t / s_y, 1) and the offsets (n - 1) / 2 - (n' - 1) / 2 * t / s.
+    """
+    affine = np.asarray(affine, np.float64)
+    spacing = spacing_from_affine(affine)
+    t = float(target_spacing)
+    new_shape, m = list(shape), np.eye(4)
+    for axis in (0, 1):
+        n, s = shape[axis], spacing[axis]
+        new_n = max(1, int(np.ceil(n * s / t - 1e-6)))  # 1e-6: float noise in n s / t
+        new_shape[axis] = new_n
+        m[axis, axis] = t / s
+        m[axis, 3] = (n - 1) / 2.0 - (new_n - 1) / 2.0 * t / s
+    return tuple(int(v) for v in new_shape), affine @ m
+
+
 def _reorient_exact(array: np.ndarray, affine: np.ndarray, ref_shape, ref_affine) -> np.ndarray | None:
     """The array on the reference grid if the two grids differ only by axis flips / permutations
     (e.g. a converter that stored rows flipped): lossless, no interpolation. Else None."""

@@ -57,20 +57,23 @@ def generate_phantom(cache_dir: str | os.PathLike, *, size: str, seed: int, n_ca
 
 def cache_studies(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLike, layout: str = "auto",
                   ct_channel: int = 0, pet_channel: int = 1, ct_window: tuple[float, float],
-                  suv_max: float, resample: bool = False, require_mask: bool = True,
-                  progress: bool = True) -> list[CachedStudy]:
-    """Every study under `data_dir`, preprocessed once into `<cache_dir>/studies/`."""
+                  suv_max: float, resample: bool = False, target_spacing: float | None = None,
+                  require_mask: bool = True, progress: bool = True) -> list[CachedStudy]:
+    """Every study under `data_dir`, preprocessed once into `<cache_dir>/studies/`
+    (`target_spacing`: in-plane resampling in the cache, data/cache.py)."""
     # absolute paths: the run's records and the cache's sources stay valid from any folder
     refs = find_studies(Path(data_dir).absolute(), layout=layout, ct_channel=ct_channel,
                         pet_channel=pet_channel, require_mask=require_mask)
     return prepare_cache(refs, Path(cache_dir).absolute() / "studies", ct_window=ct_window,
-                         suv_max=suv_max, resample=resample, progress=progress)
+                         suv_max=suv_max, resample=resample, target_spacing=target_spacing,
+                         progress=progress)
 
 
 def prepare_data(*, data_dir: str | os.PathLike | None, cache_dir: str | os.PathLike,
                  layout: str = "auto", ct_channel: int = 0, pet_channel: int = 1,
                  resample: bool = False, ct_window: tuple[float, float] = (-1000.0, 1000.0),
-                 suv_max: float = 20.0, phantom_cases: int = 60, phantom_size: str = "demo",
+                 suv_max: float = 20.0, target_spacing: float | None = None,
+                 phantom_cases: int = 60, phantom_size: str = "demo",
                  phantom_seed: int = 0, phantom_test_seed: int | None = None, n_val: int = 10,
                  n_test: int = 20, split_seed: int = 0, n_folds: int = 0,
                  fold: int = 0) -> Manifest:
@@ -84,7 +87,7 @@ def prepare_data(*, data_dir: str | os.PathLike | None, cache_dir: str | os.Path
     def cache(folder) -> list[CachedStudy]:
         return cache_studies(folder, cache_dir=cache_dir, layout=layout, ct_channel=ct_channel,
                              pet_channel=pet_channel, ct_window=ct_window, suv_max=suv_max,
-                             resample=resample)
+                             resample=resample, target_spacing=target_spacing)
 
     separate_test = data_dir is None and phantom_test_seed is not None
     if data_dir is None:
