@@ -63,36 +63,45 @@ def predict_volume(model: torch.nn.Module, study: Any, *, img_size: int, batch_s
     fp16 overflow) raises NonFiniteError naming the study: it is never thresholded into an empty
     mask silently.
     """
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (B, C, X, Y) -> (B, X, Y) probabilities
+        return _forward_probs(model, x, tuple(x.shape[-2:]), img_size, amp_dtype)
+
+    with _eval_mode(model):
+        return _predict_slices(study, forward, batch_size=batch_size, device=device, tta=tta,
+                               context_slices=context_slices, amp_dtype=amp_dtype)
+
+
+def _predict_slices(study: Any, forward: Any, *, batch_size: int, device: torch.device | str,
+                    tta: bool, context_slices: int, amp_dtype: torch.dtype | None) -> np.ndarray:
+    """The slice loop both predictors share: read batch_size slices (with their 2.5-D context)
+    of the cached study, `forward` them ((B, C, X, Y) -> (B, X, Y) probabilities), average the
+    flip TTA terms, and raise NonFiniteError naming the study and slices for a non-finite logit.
+    Returns (X, Y, Z) float32."""
     device = torch.device(device)
     image = study.image()  # (Z, 2, X, Y) float16 memmap
     n_z, _, size_x, size_y = image.shape
     index = context_indices(n_z, context_slices)  # (Z, 2k+1)
     out = np.empty((size_x, size_y, n_z), dtype=np.float32)
     flips = [None, (-2,), (-1,)] if tta else [None]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, n_z, batch_size):
-                rows = index[start:start + batch_size]  # (B, 2k+1)
-                x = np.asarray(image[rows.ravel()], dtype=np.float32)  # (B*(2k+1), 2, X, Y)
-                x = torch.from_numpy(x.reshape(len(rows), -1, size_x, size_y)).to(device)
-                probs = torch.zeros((len(rows), size_x, size_y), device=device)
-                for dims in flips:
-                    xi = x if dims is None else torch.flip(x, dims)
-                    try:
-                        p = _forward_probs(model, xi, (size_x, size_y), img_size, amp_dtype)
-                    except NonFiniteError:
-                        raise NonFiniteError(
-                            f"study {getattr(study, 'case_id', '?')}: the model gave non-finite "
-                            f"logits in slices {start}-{start + len(rows) - 1} (autocast "
-                            f"{amp_dtype}); evaluate in float32 (--amp=False) or check the "
-                            "checkpoint") from None
-                    probs += p if dims is None else torch.flip(p, dims)  # (B, X, Y)
-                probs /= len(flips)
-                out[:, :, start:start + len(rows)] = probs.permute(1, 2, 0).cpu().numpy()
-    finally:
-        model.train(was_training)
+    with torch.inference_mode():
+        for start in range(0, n_z, batch_size):
+            rows = index[start:start + batch_size]  # (B, 2k+1)
+            x = np.asarray(image[rows.ravel()], dtype=np.float32)  # (B*(2k+1), 2, X, Y)
+            x = torch.from_numpy(x.reshape(len(rows), -1, size_x, size_y)).to(device)
+            probs = torch.zeros((len(rows), size_x, size_y), device=device)
+            for dims in flips:
+                xi = x if dims is None else torch.flip(x, dims)
+                try:
+                    p = forward(xi)  # (B, X, Y)
+                except NonFiniteError:
+                    raise NonFiniteError(
+                        f"study {getattr(study, 'case_id', '?')}: the model gave non-finite "
+                        f"logits in slices {start}-{start + len(rows) - 1} (autocast "
+                        f"{amp_dtype}); evaluate in float32 (--amp=False) or check the "
+                        "checkpoint") from None
+                probs += p if dims is None else torch.flip(p, dims)
+            probs /= len(flips)
+            out[:, :, start:start + len(rows)] = probs.permute(1, 2, 0).cpu().numpy()
     return out
 
 
@@ -279,32 +288,16 @@ def predict_volume_sliding(model: torch.nn.Module, study: Any, *, patch: int, ov
 
     Returns float32 probabilities (X, Y, Z) on the study's grid.
     """
-    device = torch.device(device)
-    image = study.image()  # (Z, 2, X, Y) float16 memmap
-    n_z, _, size_x, size_y = image.shape
-    index = context_indices(n_z, context_slices)  # (Z, 2k+1)
-    out = np.empty((size_x, size_y, n_z), dtype=np.float32)
-    flips = [None, (-2,), (-1,)] if tta else [None]
-    for start in range(0, n_z, batch_size):
-        rows = index[start:start + batch_size]  # (B, 2k+1)
-        x = np.asarray(image[rows.ravel()], dtype=np.float32)  # (B*(2k+1), 2, X, Y)
-        x = torch.from_numpy(x.reshape(len(rows), -1, size_x, size_y)).to(device)
-        probs = torch.zeros((len(rows), size_x, size_y), device=device)
-        for dims in flips:
-            xi = x if dims is None else torch.flip(x, dims)
-            logits = sliding_window_logits(model, xi, patch=patch, overlap=overlap,
-                                           batch_size=batch_size, gaussian=gaussian,
-                                           sigma_scale=sigma_scale, amp_dtype=amp_dtype)
-            if not torch.isfinite(logits).all():  # as in predict_volume: never a silent 0 / 1
-                raise NonFiniteError(
-                    f"study {getattr(study, 'case_id', '?')}: the model gave non-finite logits "
-                    f"in slices {start}-{start + len(rows) - 1} (autocast {amp_dtype}); evaluate "
-                    "in float32 (--amp=False) or check the checkpoint")
-            p = torch.sigmoid(logits[:, 0])  # (B, X, Y)
-            probs += p if dims is None else torch.flip(p, dims)
-        probs /= len(flips)
-        out[:, :, start:start + len(rows)] = probs.permute(1, 2, 0).cpu().numpy()
-    return out
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (B, C, X, Y) -> (B, X, Y) probabilities
+        logits = sliding_window_logits(model, x, patch=patch, overlap=overlap,
+                                       batch_size=batch_size, gaussian=gaussian,
+                                       sigma_scale=sigma_scale, amp_dtype=amp_dtype)
+        if not torch.isfinite(logits).all():  # never a silent 0 / 1
+            raise NonFiniteError(f"non-finite logits under autocast {amp_dtype}")
+        return torch.sigmoid(logits[:, 0])
+
+    return _predict_slices(study, forward, batch_size=batch_size, device=device, tta=tta,
+                           context_slices=context_slices, amp_dtype=amp_dtype)
 
 
 INPLANE_MODES = ("resize", "patch")
