@@ -12,7 +12,7 @@ standard adult; `Body.z(za)` maps them to world z (compressed per preset so the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage

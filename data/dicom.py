@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import assemble_study, read_nifti, resample_to_grid, same_grid
+from .geometry import assemble_study, read_label_volumes, resample_to_grid, same_grid
 from .study import DataError, Study, StudyRef, safe_id
 
 log = logging.getLogger(__name__)
@@ -313,12 +313,9 @@ def load_dicom_study(ref: StudyRef, resample: bool = False) -> Study:
     ct, ct_affine, _ = read_series(_series_files(ref.paths["ct"], ref.series_uids["ct"]))
     if not same_grid(ct.shape, ct_affine, pet.shape, pet_affine):
         ct = resample_to_grid(ct, ct_affine, pet_affine, pet.shape, order=1, cval=-1000.0)
-    mask, mask_affine = read_nifti(ref.paths["mask"]) if "mask" in ref.paths else (None, None)
-    organs, organs_affine = read_nifti(ref.paths["organs"]) if "organs" in ref.paths else (None, None)
     return assemble_study(ct=ct, ct_affine=pet_affine, ct_path=ref.paths["ct"], pet=pet, pet_affine=pet_affine,
-                          pet_path=ref.paths["pet"], mask=mask, mask_affine=mask_affine,
-                          mask_path=ref.paths.get("mask"), organs=organs, organs_affine=organs_affine,
-                          organs_path=ref.paths.get("organs"), case_id=ref.case_id, patient_id=ref.patient_id,
+                          pet_path=ref.paths["pet"], **read_label_volumes(ref.paths),
+                          case_id=ref.case_id, patient_id=ref.patient_id,
                           source=ref.paths["study"], resample=resample)
 
 

@@ -216,3 +216,14 @@ def save_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLik
     tmp = path.with_name(f".tmp-{path.name}")  # keeps the .nii.gz suffix nibabel reads
     nib.save(image, tmp)
     os.replace(tmp, path)
+
+
+def read_label_volumes(paths: dict) -> dict:
+    """The optional label volumes of a study's files: {"mask", "mask_affine", "organs",
+    "organs_affine", "mask_path", "organs_path"} (None where a file is absent), ready to pass on
+    to `assemble_study`. Shared by the NIfTI and DICOM readers."""
+    out = {}
+    for role in ("mask", "organs"):
+        array, affine = read_nifti(paths[role]) if role in paths else (None, None)
+        out.update({role: array, f"{role}_affine": affine, f"{role}_path": paths.get(role)})
+    return out

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .dicom import load_dicom_study, looks_like_dicom, scan_dicom
-from .geometry import assemble_study, read_nifti
+from .geometry import assemble_study, read_label_volumes, read_nifti
 from .study import DataError, Study, StudyRef, safe_id
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,9 @@ def find_studies(data_dir: str | os.PathLike, layout: str = "auto", ct_channel: 
 def _load_nifti_study(ref: StudyRef, resample: bool) -> Study:
     ct, ct_affine = read_nifti(ref.paths["ct"])
     pet, pet_affine = read_nifti(ref.paths["pet"])
-    mask, mask_affine = read_nifti(ref.paths["mask"]) if "mask" in ref.paths else (None, None)
-    organs, organs_affine = read_nifti(ref.paths["organs"]) if "organs" in ref.paths else (None, None)
     return assemble_study(ct=ct, ct_affine=ct_affine, ct_path=ref.paths["ct"], pet=pet, pet_affine=pet_affine,
-                          pet_path=ref.paths["pet"], mask=mask, mask_affine=mask_affine,
-                          mask_path=ref.paths.get("mask"), organs=organs, organs_affine=organs_affine,
-                          organs_path=ref.paths.get("organs"), case_id=ref.case_id, patient_id=ref.patient_id,
+                          pet_path=ref.paths["pet"], **read_label_volumes(ref.paths),
+                          case_id=ref.case_id, patient_id=ref.patient_id,
                           source=str(Path(ref.paths["pet"]).parent), resample=resample)
 
 

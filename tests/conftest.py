@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 TINY_SHAPE = (32, 32, 12)
 TINY_SPACING = (2.0, 2.0, 3.0)
@@ -64,3 +65,29 @@ def tiny_autopet_dir(tmp_path_factory) -> Path:
         ct, pet, mask = make_tiny_study(seed=i, has_tumor=has_tumor)
         write_autopet_study(root / patient / study, ct, pet, mask)
     return root
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: one torch thread is fastest on a shared, busy 2-core machine (no
+    oversubscription). Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PetThreshold(torch.nn.Module):
+    """logit = 20 * (PET channel + 0.7): 'SUV > 3' at suv_max 20, a deterministic per-pixel toy
+    model (a 1x1 convolution, so its weights load from a checkpoint like a real model's)."""
+
+    def __init__(self, in_channels: int = 2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 1] = 20.0
+            self.conv.bias.fill_(14.0)
+
+    def forward(self, x):
+        return self.conv(x)

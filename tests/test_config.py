@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import config
-from config import Config, ConfigError, PRESETS, load_config, make_config, parse_cli, save_config
+from config import ConfigError, PRESETS, load_config, make_config, parse_cli, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import PetThreshold
 
 import checkpoint
 import inference
@@ -188,19 +189,6 @@ def tiny_run_dir(tmp_path_factory):
     return run_dir, base
 
 
-class PetThreshold(torch.nn.Module):
-    """logit = 20 * (PET channel - 0.0): 'SUV > suv_max / 2' - a deterministic toy model."""
-
-    def __init__(self, in_channels=2):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, 1, 1)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[0, 1] = 20.0
-            self.conv.bias.fill_(-20.0 * -0.7)  # SUV > 3 at suv_max 20
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 @pytest.fixture()

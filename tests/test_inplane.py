@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import PetThreshold
 import torch.nn.functional as F
 
 import config
@@ -34,13 +35,7 @@ from data.study import DataError, Study
 from data.targets import uptake_from_channel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest on a shared, busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def study(case_id="P1", shape=(40, 12, 6), spacing=(2.0, 2.0, 3.0), lesion=None, seed=0,
@@ -402,19 +397,6 @@ def test_onnx_check_slices_are_tiles_in_patch_mode(patch_run):
         assert np.asarray(cached.mask()[z])[x0:x0 + 32, y0:y0 + 32].any()
 
 
-class PetThreshold(torch.nn.Module):
-    """logit = 20 * (PET channel + 0.7): 'SUV > 3' at suv_max 20, a per-pixel toy model."""
-
-    def __init__(self, in_channels=2):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, 1, 1)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[0, 1] = 20.0
-            self.conv.bias.fill_(14.0)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def test_target_spacing_run_is_scored_and_written_on_the_original_grid(tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
