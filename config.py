@@ -128,6 +128,7 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | True | False
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    sync_bn: str = "auto"  # DDP: SyncBatchNorm; auto = on CUDA when batch_size / GPUs < 16
     ema_decay: float = 0.0  # > 0: validation and evaluation use an exponential moving average
     # of the weights (decay per step, warmed up as min(decay, (1 + t) / (10 + t)))
 
@@ -203,7 +204,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 def _coerce(key: str, value: Any) -> Any:
     tp = typing.get_type_hints(Config)[key]
-    if key in ("amp", "channels_last") and isinstance(value, bool):
+    if key in ("amp", "channels_last", "sync_bn") and isinstance(value, bool):
         value = str(value)  # tri-state settings: "auto", "True", "False"
     if not _type_ok(value, tp):
         expected = getattr(tp, "__name__", str(tp))

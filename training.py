@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoint
+import models
 import runtime
 from data import worker_init_fn
 from runlog import LOSS_PARTS, RunLog, summary_line
@@ -78,6 +79,7 @@ class TrainSettings:
     seed: int = 0
     deterministic: bool = False
     ema_decay: float = 0.0  # > 0: validate / evaluate an exponential moving average of the weights
+    sync_bn: Any = "auto"  # DDP: BatchNorm -> SyncBatchNorm (auto: CUDA, < 16 images per GPU)
     img_size: int = 128
     context_slices: int = 0
     inplane: str = "resize"  # validation path: resize (predict_volume) | patch (sliding window)
@@ -533,6 +535,10 @@ def build_loop(model: nn.Module, loss_fn: Callable, device: torch.device, stop: 
         poly_power=s.poly_power))
     net: nn.Module = raw_model
     if runtime.is_distributed():
+        if use_sync_bn(s.sync_bn, device, s.batch_size // dist.get_world_size()):
+            net = raw_model = models.convert_sync_bn(raw_model)  # same Parameter objects
+            log.info("BatchNorm -> SyncBatchNorm (%d images per process)",
+                     s.batch_size // dist.get_world_size())
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     if s.compile:
@@ -548,6 +554,20 @@ def build_loop(model: nn.Module, loss_fn: Callable, device: torch.device, stop: 
     return Loop(net, raw_model, loss_fn, opt, scheduler, scaler, device, amp_dtype,
                 use_channels_last, s.grad_clip, s.max_nonfinite, stop, validation=validation,
                 ema=ema, ema_decay=s.ema_decay)
+
+
+def use_sync_bn(setting: Any, device: torch.device, per_process_batch: int) -> bool:
+    """SyncBatchNorm under DDP: "auto" -> on CUDA when each process has fewer than 16 images
+    (models.sync_bn_default: BatchNorm statistics of a few slices are noisy; Wu & He 2018);
+    True / False force it. torch's SyncBatchNorm runs on GPUs only, so True on the CPU is refused."""
+    if setting in (False, "False"):
+        return False
+    if device.type != "cuda":
+        if setting in (True, "True"):
+            raise TrainingError("--sync_bn=True needs CUDA (torch's SyncBatchNorm runs on GPUs "
+                                "only); use --sync_bn=auto or False on the CPU")
+        return False
+    return setting in (True, "True") or models.sync_bn_default(per_process_batch)
 
 
 def _update_best(state: LoopState, record: dict, *, has_val: bool, validated: bool,

@@ -526,3 +526,13 @@ def test_ema_is_validated_saved_and_resumed_exactly(tmp_path):
     net = TinyNet()
     checkpoint.load_weights(net, tmp_path / "ref" / "checkpoints" / "last.pt")
     assert all(torch.equal(v, a["ema_model"][k]) for k, v in net.state_dict().items())
+
+
+def test_sync_bn_rule():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert training.use_sync_bn("auto", cuda, 3)  # the paper preset on 8 GPUs: 24 / 8 = 3
+    assert not training.use_sync_bn("auto", cuda, 32)
+    assert not training.use_sync_bn("auto", cpu, 3)  # SyncBatchNorm is GPU-only in torch
+    assert training.use_sync_bn("True", cuda, 64) and not training.use_sync_bn("False", cuda, 3)
+    with pytest.raises(training.TrainingError, match="needs CUDA"):
+        training.use_sync_bn("True", cpu, 3)
