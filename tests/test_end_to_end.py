@@ -187,3 +187,26 @@ def test_resume_a_stopped_run_from_the_command_line(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     assert ckpt["epoch"] == 40 and ckpt["step"] == 160 and (run_dir / "eval" / "summary.json").is_file()
+
+
+def test_main_run_table_reads_every_number_from_the_evidence(tiny_run, tmp_path):
+    """bench/main_run.py's table.md (the README's `python main.py` table) from a run's files."""
+    import shutil
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "bench"))
+    import main_run
+
+    _, run_dir, _ = tiny_run
+    for name in main_run.EVIDENCE:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / name, tmp_path / name)
+    (tmp_path / "timing.json").write_text(json.dumps(
+        {"command": "python main.py --preset=tiny", "wall_seconds": 123.0, "cpu_count": 2,
+         "torch_threads": 2, "git_commit": "abcdef1234567"}))
+    text = main_run.table(tmp_path)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert "**2.0 min**" in text and "`abcdef123456`" in text
+    assert f"| Dice, tumour studies | {summary['metrics']['dice']['mean']:.3f}" in text
+    les = summary["lesions"]
+    assert f"{les['detected']} of {les['n_lesions']}" in text

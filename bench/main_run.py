@@ -1,0 +1,129 @@
+"""The README's `python main.py` result, measured as a new user gets it, and its evidence.
+
+    python bench/main_run.py --out=results/main_cpu          # time `python main.py` from scratch
+    python bench/main_run.py --out=results/main_cpu --table_only   # re-render table.md from it
+    python sweep.py --sync_readme                             # the README's copy of table.md
+
+Runs `python main.py` exactly as the README gives it, with a fresh, empty cache folder (so the
+phantom is generated afresh and every study preprocessed: the whole cost a new user pays) and
+its own run directory; times the whole command (wall clock); then copies the run's evidence
+(config.json with the environment and commit, split.json, metrics.jsonl, train.log,
+eval/summary.json, eval/per_case.csv, eval/lesions.csv; no weights, no images) into --out and
+writes `timing.json` and `table.md` (the table the README shows, every number read from those
+files). Extra arguments after `--` go to main.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ("config.json", "split.json", "metrics.jsonl", "train.log", "eval/summary.json",
+            "eval/per_case.csv", "eval/lesions.csv")
+
+
+def run_main(out: Path, extra: list[str]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="main-run-"))
+    args = [sys.executable, "main.py", f"--cache_dir={work / 'cache'}",
+            f"--out_dir={work / 'runs'}", "--run_name=main", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (out / "stdout.txt").write_text(proc.stdout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"main.py exited {proc.returncode}")
+    run_dir = work / "runs" / "main"
+    for name in EVIDENCE:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / name, out / name)
+    env = json.loads((run_dir / "config.json").read_text())["environment"]
+    timing = {"command": "python main.py " + " ".join(extra), "wall_seconds": round(wall, 1),
+              "cpu_count": os.cpu_count(), "torch_threads": env.get("torch_threads"),
+              "platform": platform.platform(), "git_commit": env.get("git_commit"),
+              "load_average_after": list(os.getloadavg())}
+    (out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _ci(entry: dict, digits: int = 3) -> str:
+    bounds = entry.get("ci95")
+    return f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else ""
+
+
+def table(out: Path) -> str:
+    """table.md from the evidence in `out`."""
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    timing = json.loads((out / "timing.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    split = json.loads((out / "split.json").read_text())
+    m, les = summary["metrics"], summary["lesions"]
+    n = lambda key: m[key]["n"]  # noqa: E731
+    minutes = timing["wall_seconds"] / 60
+    commit = (timing.get("git_commit") or "unknown")[:12]
+    train_s = sum(r.get("seconds", 0.0) for r in history)
+    best = max((r for r in history if r.get("val_pseudo_dice") is not None),
+               key=lambda r: r["val_pseudo_dice"], default=None)
+    lines = [
+        f"`{timing['command'].strip()}`: **{minutes:.1f} min** wall in all on "
+        f"{timing['cpu_count']} CPU cores ({timing['torch_threads']} torch threads), phantom "
+        f"generated afresh; training and validation {train_s / 60:.1f} min, "
+        f"{history[-1]['step']} steps of batch {cfg['batch_size']}; "
+        f"{len(split['train'])} training / {len(split['val'])} validation studies, "
+        f"{summary['n_studies']} test studies of a phantom seed the model never saw; commit "
+        f"`{commit}`."
+        + (f" Best checkpoint: epoch {best['epoch']} (validation pseudo-Dice "
+           f"{best['val_pseudo_dice']:.3f})." if best else ""),
+        "",
+        "| metric | value (95 % bootstrap CI) | studies |",
+        "|---|---|---|",
+        f"| Dice, tumour studies | {m['dice']['mean']:.3f}{_ci(m['dice'])} | {n('dice')} |",
+        f"| false-positive volume, tumour-free studies | {m['fpv_ml_tumor_free']['mean']:.2f} ml"
+        f"{_ci(m['fpv_ml_tumor_free'], 2)} | {n('fpv_ml_tumor_free')} |",
+        f"| false-negative volume, tumour studies | {m['fnv_ml']['mean']:.2f} ml"
+        f"{_ci(m['fnv_ml'], 2)} | {n('fnv_ml')} |",
+        f"| lesions detected (Dice >= 0.1) | {les['detected']} of {les['n_lesions']} "
+        f"(recall {les['recall']:.2f}), {les['false_positive_components']} false-positive "
+        f"components, F1 {les['f1']:.2f} | {summary['n_studies']} |",
+        f"| HD95, tumour studies | {m['hd95_mm']['mean']:.1f} mm | {n('hd95_mm')} "
+        f"({summary.get('n_distance_penalty', 0)} with the empty-prediction penalty) |",
+    ]
+    post = summary.get("postprocessed")
+    if post:
+        pm, pl = post["metrics"], post["lesions"]
+        chosen = summary.get("threshold_tuning", {}).get("chosen")
+        lines += ["", "After the post-processing" + (f" chosen on the validation studies "
+                  f"({', '.join(f'{k} {v:g}' for k, v in chosen.items())})" if chosen else "")
+                  + f": Dice {pm['dice']['mean']:.3f}{_ci(pm['dice'])}, false-positive volume "
+                  f"{pm['fpv_ml_tumor_free']['mean']:.2f} ml, lesion recall {pl['recall']:.2f}, "
+                  f"{pl['false_positive_components']} false-positive components."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="results folder for the evidence")
+    parser.add_argument("--table_only", action="store_true", help="only re-render table.md")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        run_main(out, extra)
+    (out / "table.md").write_text(table(out))
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
