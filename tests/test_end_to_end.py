@@ -210,3 +210,13 @@ def test_main_run_table_reads_every_number_from_the_evidence(tiny_run, tmp_path)
     assert f"| Dice, tumour studies | {summary['metrics']['dice']['mean']:.3f}" in text
     les = summary["lesions"]
     assert f"{les['detected']} of {les['n_lesions']}" in text
+
+
+def test_export_onnx_of_a_tiny_run_matches_pytorch(tiny_run, tmp_path):
+    """`python test.py --run_dir=R --export_onnx=PATH`: the run's model as ONNX (dynamic batch),
+    run with ONNX Runtime on slices of the run's test studies: the logits agree with PyTorch."""
+    proc = run(["test.py", f"--run_dir={tiny_run[1]}", f"--export_onnx={tmp_path / 'model.onnx'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "model.onnx").stat().st_size > 10_000
+    diff = float(proc.stdout.split("test slices (ONNX Runtime, CPU): ")[1].split()[0])
+    assert diff < 1e-4, proc.stdout
