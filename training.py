@@ -644,6 +644,33 @@ def _fit(loop: Loop, state: LoopState, runlog: RunLog, save: Callable[..., None]
     return outcome
 
 
+class Saver:
+    """Writes the checkpoints of a run (rank 0; every rank calls it at the same point, since
+    gathering the RNG states is a collective): last.pt always, best.pt when the epoch improved,
+    and with `epoch_weights` checkpoints/epoch_<k>.pt, the weights alone (and their moving
+    average), for learning curves (bench/learning_curve.py)."""
+
+    def __init__(self, loop: Loop, run_dir: Path, *, rank: int, world_size: int,
+                 steps_per_epoch: int, batch_size: int, run_config: dict | None) -> None:
+        self.loop, self.folder, self.rank, self.world_size = loop, run_dir / "checkpoints", rank, world_size
+        self.steps_per_epoch, self.batch_size, self.run_config = steps_per_epoch, batch_size, run_config
+
+    def __call__(self, position: LoopState, best: bool, epoch_weights: bool = False) -> None:
+        rng_states = _gather_rng()
+        if self.rank != 0:
+            return
+        ckpt = _checkpoint_state(self.loop, position, rng_states=rng_states,
+                                 world_size=self.world_size, steps_per_epoch=self.steps_per_epoch,
+                                 batch_size=self.batch_size, run_config=self.run_config)
+        checkpoint.save_checkpoint(ckpt, self.folder / "last.pt")
+        if best:
+            checkpoint.save_checkpoint(ckpt, self.folder / "best.pt")
+        if epoch_weights:
+            weights = {k: ckpt[k] for k in ("model", "ema_model") if k in ckpt}
+            checkpoint.save_checkpoint({**weights, "epoch": position.epoch, "step": self.loop.step},
+                                       self.folder / f"epoch_{position.epoch}.pt")
+
+
 def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: list,
           run_dir: str | Path, device: torch.device | str, settings: TrainSettings,
           resume: bool = False, run_config: dict | None = None) -> dict:
@@ -667,7 +694,7 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
     run_dir, device = Path(run_dir), torch.device(device)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if runtime.is_distributed() else (0, 1)
     steps_per_epoch = _check_settings(train_set, s, world_size)
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    last_path = run_dir / "checkpoints" / "last.pt"
     if not resume and last_path.exists():
         raise TrainingError(f"{run_dir} already holds a run ({last_path}); continue it with "
                             f"--resume={run_dir} or choose another --run_name")
@@ -688,20 +715,9 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
                  world_size, s.epochs, steps_per_epoch, s.batch_size, s.optimizer, loop.amp_dtype,
                  state.epoch + 1, loop.step)
 
-        def save(position: LoopState, best: bool, epoch_weights: bool = False) -> None:
-            rng_states = _gather_rng()  # collective: every rank calls save at the same point
-            if rank == 0:
-                ckpt = _checkpoint_state(loop, position, rng_states=rng_states,
-                                         world_size=world_size, steps_per_epoch=steps_per_epoch,
-                                         batch_size=s.batch_size, run_config=run_config)
-                checkpoint.save_checkpoint(ckpt, last_path)
-                if best:
-                    checkpoint.save_checkpoint(ckpt, best_path)
-                if epoch_weights:  # learning curves (bench/learning_curve.py): weights only
-                    checkpoint.save_checkpoint(
-                        {"model": ckpt["model"], "epoch": position.epoch, "step": loop.step},
-                        run_dir / "checkpoints" / f"epoch_{position.epoch}.pt")
-
+        save = Saver(loop, run_dir, rank=rank, world_size=world_size,
+                     steps_per_epoch=steps_per_epoch, batch_size=s.batch_size,
+                     run_config=run_config)
         runlog = RunLog(run_dir, state.history, loop.step, enabled=rank == 0)
         try:
             outcome = _fit(loop, state, runlog, save, train_set=train_set, val_studies=val_studies,
@@ -719,5 +735,4 @@ def train(*, model: nn.Module, loss_fn: Callable, train_set: Any, val_studies: l
     return {"best_epoch": state.best_epoch,
             "best_score": state.best_key[0] if state.best_key else None,
             "epochs_run": state.epoch, "steps": loop.step, "seconds": state.seconds,
-            "stopped_early": outcome["stopped_early"], "interrupted": outcome["interrupted"],
-            "signal": stop.signum, "nonfinite_skipped": loop.nonfinite_total}
+            **outcome, "signal": stop.signum, "nonfinite_skipped": loop.nonfinite_total}
