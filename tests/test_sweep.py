@@ -28,8 +28,10 @@ def test_study_grid_covers_the_issue():
 
 
 def test_budgets_give_every_configuration_the_same_work():
-    for budget in sweep.BUDGETS.values():
-        for grid in sweep.GRIDS.values():
+    assert set(sweep.GRID_BUDGETS) == set(sweep.GRIDS)
+    for grid_name, budgets in sweep.GRID_BUDGETS.items():
+        for budget_name in budgets:
+            budget, grid = sweep.BUDGETS[budget_name], sweep.GRIDS[grid_name]
             cfgs = [config.make_config({**budget, **o}) for o in grid.values()]
             assert len({(c.epochs, c.steps_per_epoch, c.batch_size) for c in cfgs}) == 1
 
@@ -276,29 +278,29 @@ def test_paired_tests_average_seeds_per_study_then_compare_studies(tmp_path):
 
 
 def test_versus_plot_of_training_studies(tmp_path):
-    for name, n in (("phantom_100", 40), ("phantom_120", 60)):
+    for name, n in (("phantom_50", 40), ("phantom_70", 60)):
         run_dir = fake_run(tmp_path, name, 0, sweep.DATA_SIZE[name], dice=[0.1] * 4, fpv=[0.0] * 3,
-                           budget="cpu")
+                           budget="quick")
         split = json.loads((run_dir / "split.json").read_text())
         split["train"] = [f"c{i}" for i in range(n)]
         (run_dir / "split.json").write_text(json.dumps(split))
-    plan = sweep.run_plan("data_size", None, ("phantom_100", "phantom_120"))
-    rows = [r for r, _ in sweep.collect(plan, [tmp_path], budget="cpu")]
+    plan = sweep.run_plan("data_size", None, ("phantom_50", "phantom_70"))
+    rows = [r for r, _ in sweep.collect(plan, [tmp_path], budget="quick")]
     assert sorted((r["config"], r["n_train"], r["phantom_cases"]) for r in rows) == [
-        ("phantom_100", 40, 100), ("phantom_120", 60, 120)]
+        ("phantom_50", 40, 50), ("phantom_70", 60, 70)]
     sweep.plot_versus(rows, "n_train", tmp_path / "v.png", "t")
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_issue_13_grids_and_budgets():
-    for grid in sweep.GRIDS.values():
-        for overrides in grid.values():
-            config.make_config({**sweep.BUDGETS["cpu"], **overrides})
+    for grid, budgets in sweep.GRID_BUDGETS.items():
+        for overrides in sweep.GRIDS[grid].values():
+            config.make_config({**sweep.BUDGETS[budgets[0]], **overrides})
     levers = sweep.LEVERS
     assert levers["aux_organs"]["aux_target"] == "organs"
     uptake = levers["aux_uptake"]
     assert (uptake["aux_target"], uptake["uptake_suv"]) == ("uptake", 2.5)
-    assert levers["more_studies_150"]["phantom_cases"] == 150
+    assert levers["more_studies_150"]["phantom_cases"] == 160  # 150 training + 10 validation
     assert levers["misalign"]["p_misalign"] == 0.1 and levers["context_2.5d"]["context_slices"] == 1
     assert levers["tune_threshold"]["tune_threshold"] is True
     assert levers["postprocess"]["suv_floor"] == sweep.LEVER_SUV_FLOOR > 0
@@ -313,9 +315,9 @@ def test_issue_13_grids_and_budgets():
     steps = lambda b: b["epochs"] * b["steps_per_epoch"]  # noqa: E731
     assert 3 <= steps(sweep.BUDGETS["long"]) / steps(sweep.BUDGETS["cpu"]) <= 4
     assert sweep.BUDGETS["long"]["keep_epoch_checkpoints"] is True
-    cases = [config.make_config({**sweep.BUDGETS["cpu"], **o}) for o in sweep.DATA_SIZE.values()]
-    assert len({(c.n_val, c.n_test) for c in cases}) == 1 and \
-        sorted(c.phantom_cases for c in cases) == [100, 120, 160, 260]
+    cases = [config.make_config({**sweep.BUDGETS["quick"], **o}) for o in sweep.DATA_SIZE.values()]
+    assert len({(c.n_val, c.n_test, c.phantom_test_seed) for c in cases}) == 1 and \
+        sorted(c.phantom_cases for c in cases) == [50, 70, 110, 210]
     grids = {n for pair in sweep.COMPARISONS for n in pair}
     assert grids <= {n for g in sweep.GRIDS.values() for n in g}
 
@@ -333,3 +335,11 @@ def test_a_post_processing_configuration_is_judged_on_its_post_processed_masks(t
     tests = {t["metric"]: t for t in sweep.paired_tests(found)}  # postprocess vs corrected
     assert math.isclose(tests["dice"]["mean_diff"], -0.1)
     assert math.isclose(tests["fpv_ml_tumor_free"]["mean_diff"], -1.5)
+
+
+def test_a_grid_with_a_budget_it_cannot_use_is_refused_before_any_run(tmp_path):
+    # data_size's phantom_50 cannot also split off the cpu budget's 50 test studies: the whole
+    # plan is checked first, the error names the run and the budgets meant for the grid
+    with pytest.raises(config.ConfigError, match=r"(?s)phantom_50 \(seed 0\).*quick, long, smoke"):
+        sweep.main(["--grid=data_size", "--budget=cpu", f"--runs_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
