@@ -178,20 +178,23 @@ _STUDY_DATA = dict(phantom_cases=100, phantom_test_seed=None, phantom_size="demo
 # stays the same whatever phantom_cases a configuration uses (nested comparisons)
 _NESTED_DATA = dict(phantom_cases=50, phantom_test_seed=1, phantom_size="demo", n_val=10,
                     n_test=50, split_seed=0, save_overlays=False)
+# the sweep's runs start from the plain model: none of the cpu preset's recipe (uptake head,
+# moving average, tuned post-processing) unless a configuration asks for it
+_PLAIN = dict(aux_target="none", ema_decay=0.0, tune_postprocess=False)
 BUDGETS = {
     # ~400 optimiser steps of batch 16 per run on 2 CPU cores
     "cpu": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,
-                **_STUDY_DATA),
+                **_STUDY_DATA, **_PLAIN),
     # the same grid with 3x the steps, for a GPU (add --parallel=4 --num_workers=3 there)
     "gpu": dict(preset="cpu", epochs=12, steps_per_epoch=100, batch_size=16, warmup_steps=60,
-                **_STUDY_DATA),
+                **_STUDY_DATA, **_PLAIN),
     # near convergence: 4x the `cpu` steps (1600), the weights of every epoch kept for a
     # learning curve (bench/learning_curve.py); the lead sets the final numbers
     "long": dict(preset="cpu", epochs=16, steps_per_epoch=100, batch_size=16, warmup_steps=60,
-                 keep_epoch_checkpoints=True, **_NESTED_DATA),
+                 keep_epoch_checkpoints=True, **_NESTED_DATA, **_PLAIN),
     # the `cpu` budget's 400 steps on the nested data: screening the levers
     "quick": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,
-                  **_NESTED_DATA),
+                  **_NESTED_DATA, **_PLAIN),
     # machinery check (tests): seconds per run
     "smoke": dict(preset="tiny", epochs=1, steps_per_epoch=2, batch_size=2, phantom_cases=8,
                   n_val=2, n_test=2, n_bootstrap=20, save_overlays=False),
@@ -339,6 +342,10 @@ NEUTRAL_SETTINGS = ("seed", "out_dir", "run_name", "resume", "device", "num_work
                     "eval_batch_size", "compile", "channels_last", "grad_checkpointing",
                     "deterministic", "save_overlays", "keep_epoch_checkpoints", "n_bootstrap",
                     "preset")
+# settings that change nothing unless another one has one of the given values
+INERT_UNLESS = {"uptake_suv": ("aux_target", ("uptake",)),
+                "n_organ_classes": ("aux_target", ("organs",)),
+                "w_aux": ("aux_target", ("organs", "uptake"))}
 # unused when the run trained on a data_dir (without one, data_dir is None in every run)
 PHANTOM_SETTINGS = ("phantom_cases", "phantom_size", "phantom_seed")
 
@@ -402,6 +409,8 @@ def settings_fingerprint(values: dict) -> dict:
     NEUTRAL_SETTINGS (and PHANTOM_SETTINGS when it trained on a data_dir), as JSON values."""
     values = json.loads(json.dumps(values, default=str))  # tuples -> lists, as in config.json
     drop = set(NEUTRAL_SETTINGS) | (set(PHANTOM_SETTINGS) if values.get("data_dir") else set())
+    drop |= {key for key, (setting, active) in INERT_UNLESS.items()
+             if values.get(setting) not in active}
     return {key: value for key, value in sorted(values.items()) if key not in drop}
 
 
