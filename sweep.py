@@ -134,6 +134,12 @@ LEVERS = {
     "context_2.5d": {**CORRECTED, "context_slices": 1},
     "tune_threshold": {**CORRECTED, "tune_threshold": True},
     "postprocess": {**CORRECTED, "suv_floor": LEVER_SUV_FLOOR, "min_component_ml": 0.0},
+    # threshold, SUV floor, minimum volume and minimum SUVmax chosen together on validation
+    "tune_postprocess": {**CORRECTED, "tune_postprocess": True},
+    "ema": {**CORRECTED, "ema_decay": 0.995},  # validation and test on the moving average
+    # a soft-tissue CT window and SUV scaled over [0, 10]: more input contrast where tumour
+    # and physiological uptake differ
+    "input_window": {**CORRECTED, "ct_window": (-200.0, 300.0), "suv_max": 10.0},
 }
 
 # the headline comparisons near convergence (budget `long`): published vs corrected loss, and

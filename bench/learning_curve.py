@@ -73,21 +73,26 @@ def evaluate_epoch(run_dir: Path, epoch: int, device: str | None = None) -> dict
             "lesion_recall": _nan(cohort["lesions"]["recall"])}
 
 
-def learning_curve(run_dir: str | Path, device: str | None = None) -> list[dict]:
+def learning_curve(run_dir: str | Path, device: str | None = None, every: int = 1) -> list[dict]:
     """One row (COLUMNS) per epoch checkpoint of the run: the validation figures logged for
-    that epoch (metrics.jsonl; NaN when it was not validated) and the test figures."""
+    that epoch (metrics.jsonl; NaN when it was not validated) and the test figures. every=N
+    evaluates every N-th epoch checkpoint and the last one (the others keep their validation
+    figures, test columns NaN)."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise CurveError(f"{run_dir}/metrics.jsonl not found; pass --run_dir=runs/<name>")
     logged = {r["epoch"]: r for r in map(json.loads,
                                          (run_dir / "metrics.jsonl").read_text().splitlines())}
-    rows = []
-    for epoch in epoch_checkpoints(run_dir):
+    if every < 1:
+        raise CurveError(f"--every={every}: give 1 (every epoch) or more")
+    rows, epochs = [], epoch_checkpoints(run_dir)
+    for epoch in epochs:
         record = logged.get(epoch, {})
+        test = (evaluate_epoch(run_dir, epoch, device) if epoch % every == 0 or epoch == epochs[-1]
+                else dict.fromkeys(COLUMNS[4:], math.nan))
         rows.append({"epoch": epoch, "step": record.get("step", math.nan),
                      "val_pseudo_dice": _nan(record.get("val_pseudo_dice")),
-                     "val_mean_dice": _nan(record.get("val_mean_dice")),
-                     **evaluate_epoch(run_dir, epoch, device)})
+                     "val_mean_dice": _nan(record.get("val_mean_dice")), **test})
     return rows
 
 
@@ -106,7 +111,8 @@ def write_curve(rows: list[dict], out: Path, title: str) -> None:
     for key, label, style in (("test_dice", "test Dice (tumour studies)", "o-"),
                               ("val_mean_dice", "validation mean Dice", "s--"),
                               ("val_pseudo_dice", "validation pseudo-Dice", "^:")):
-        ax.plot(steps, [r[key] for r in rows], style, label=label)
+        points = [(x, r[key]) for x, r in zip(steps, rows) if not math.isnan(r[key])]
+        ax.plot([x for x, _ in points], [y for _, y in points], style, label=label)
     ax.set(xlabel="optimiser step", ylabel="Dice", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -124,8 +130,11 @@ def main(argv: list[str]) -> None:
                         help="the studies evaluated per epoch: the run's test studies (the "
                              "validation curve is metrics.jsonl's)")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (config default)")
+    parser.add_argument("--every", type=int, default=1,
+                        help="evaluate every N-th epoch checkpoint (and the last) on the test "
+                             "studies")
     args = parser.parse_args(argv)
-    rows = learning_curve(args.run_dir, args.device)
+    rows = learning_curve(args.run_dir, args.device, args.every)
     write_curve(rows, Path(args.out), f"learning curve of {Path(args.run_dir).name}")
     print(f"{len(rows)} epochs: {Path(args.out) / 'learning_curve.csv'}, learning_curve.png")
 

@@ -1,6 +1,7 @@
 """The README's `python main.py` result, measured as a new user gets it, and its evidence.
 
     python bench/main_run.py --out=results/main_cpu          # time `python main.py` from scratch
+    python bench/main_run.py --out=results/main_cpu --screenshot=docs/report_screenshot.png
     python bench/main_run.py --out=results/main_cpu --table_only   # re-render table.md from it
     python sweep.py --sync_readme                             # the README's copy of table.md
 
@@ -30,7 +31,7 @@ EVIDENCE = ("config.json", "split.json", "metrics.jsonl", "train.log", "eval/sum
             "eval/per_case.csv", "eval/lesions.csv")
 
 
-def run_main(out: Path, extra: list[str]) -> None:
+def run_main(out: Path, extra: list[str], screenshot: str | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="main-run-"))
     args = [sys.executable, "main.py", f"--cache_dir={work / 'cache'}",
             f"--out_dir={work / 'runs'}", "--run_name=main", *extra]
@@ -51,6 +52,12 @@ def run_main(out: Path, extra: list[str]) -> None:
               "platform": platform.platform(), "git_commit": env.get("git_commit"),
               "load_average_after": list(os.getloadavg())}
     (out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    if screenshot:  # the run's own report, before its folder goes
+        sys.path.insert(0, str(ROOT / "bench"))
+        from report_demo import screenshot as take
+
+        take(run_dir / "eval" / "report.html", Path(screenshot))
+        print(f"screenshot of {run_dir / 'eval' / 'report.html'}: {screenshot}")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -116,11 +123,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="results folder for the evidence")
     parser.add_argument("--table_only", action="store_true", help="only re-render table.md")
+    parser.add_argument("--screenshot", default=None,
+                        help="also a PNG of the run's eval/report.html (needs chromium)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        run_main(out, extra)
+        run_main(out, extra, args.screenshot)
     (out / "table.md").write_text(table(out))
     print((out / "table.md").read_text())
 

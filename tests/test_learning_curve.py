@@ -50,6 +50,12 @@ def test_learning_curve_of_a_tiny_run(tmp_path, curve_module):
                for r in rows]
     assert curve_module.learning_curve(run_dir) == as_read
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("eval-")) == folders
+    # every=2 of 2 epochs: epoch 2 (and the last, the same) keeps its test figures, epoch 1 not
+    sparse = curve_module.learning_curve(run_dir, every=2)
+    assert [r["test_dice"] == as_read[i]["test_dice"] for i, r in enumerate(sparse)] == [False, True]
+    assert sparse[0]["val_pseudo_dice"] == as_read[0]["val_pseudo_dice"]
+    with pytest.raises(curve_module.CurveError, match="--every=0"):
+        curve_module.learning_curve(run_dir, every=0)
 
 
 def test_a_run_without_epoch_checkpoints_is_a_clear_error(tmp_path, curve_module):
