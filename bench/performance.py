@@ -3,6 +3,8 @@
     python bench/performance.py            # ~6-8 min on 2 CPU cores
     python bench/performance.py --quick    # fewer repeats, ~3-4 min (noisier)
     python bench/performance.py --with_preprocess   # + peak memory 5 vs 20 autoPET-size studies (+5 min)
+    python bench/performance.py --out=results/cpu2core/performance.md   # + the table as a file
+                                                    # (the README's Speed block: sweep.py --sync_readme)
 
 Runs the benchmark scripts of bench/ one after another, each in its own process (so one's
 memory and threads do not affect the next), keeps their full output, and prints the ratio each
@@ -21,6 +23,8 @@ The CUDA figures are in bench/bench_cuda.py (needs a GPU).
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -59,7 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
     parser.add_argument("--with_preprocess", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) here, with "
+                        "the commit, machine and load average it ran at")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     figures = FIGURES + ([PREPROCESS] if args.with_preprocess else [])
     outputs: dict[str, tuple[str, float, int]] = {}
     summary = []
@@ -73,9 +80,23 @@ def main() -> None:
         match = re.search(pattern, text)
         value = f"{float(match.group(1)):.2f}x" if match else f"not measured (exit {code})"
         summary.append((figure, value, script, seconds))
-    print("\n| figure | ratio | script (wall s) |\n|---|---|---|")
-    for figure, value, script, seconds in summary:
-        print(f"| {figure} | {value} | {script} ({seconds:.0f} s) |")
+    table = ["| figure | ratio | script (wall s) |", "|---|---|---|"]
+    table += [f"| {figure} | {value} | {script} ({seconds:.0f} s) |"
+              for figure, value, script, seconds in summary]
+    print("\n" + "\n".join(table))
+    if args.out:
+        sys.path.insert(0, str(BENCH.parent))
+        import runtime
+
+        commit = runtime.git_commit() or "unknown"
+        commit = commit[:12] + (" with uncommitted changes" if commit.endswith("+dirty") else "")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            f"`python bench/performance.py{' --quick' if args.quick else ''}` at commit "
+            f"`{commit}`, {os.cpu_count()} CPU cores "
+            f"({platform.processor() or platform.machine()}), 1-min load average "
+            f"{load_before:.2f} before and {os.getloadavg()[0]:.2f} after:\n\n"
+            + "\n".join(table) + "\n")
     if any("not measured" in value for _, value, _, _ in summary):
         sys.exit(1)
 
