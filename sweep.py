@@ -904,7 +904,11 @@ def sync_readme(readme: Path, check: bool = False) -> list[str]:
     changed = []
 
     def fill(match: re.Match) -> str:
-        body = (readme.parent / match.group(2)).read_text()
+        source = readme.parent / match.group(2)
+        if not source.is_file():
+            raise config.ConfigError(f"{readme.name} shows {match.group(2)}, which does not "
+                                     "exist: run the command the README gives beside it first")
+        body = source.read_text()
         body = "\n".join(line for line in body.splitlines() if not line.startswith("# ")).strip()
         if match.group(3).strip() != body:
             changed.append(match.group(2))
