@@ -3,6 +3,7 @@
     python bench/main_run.py --out=results/main_cpu          # time `python main.py` from scratch
     python bench/main_run.py --out=results/main_cpu --screenshot=docs/report_screenshot.png
     python bench/main_run.py --out=results/main_cpu --table_only   # re-render table.md from it
+    python bench/main_run.py --out=results/cpu_long --keep=runs/cpu_long -- --preset=cpu_long
     python sweep.py --sync_readme                             # the README's copy of table.md
 
 Runs `python main.py` exactly as the README gives it, with a fresh, empty cache folder (so the
@@ -31,7 +32,8 @@ EVIDENCE = ("config.json", "split.json", "metrics.jsonl", "train.log", "eval/sum
             "eval/per_case.csv", "eval/lesions.csv")
 
 
-def run_main(out: Path, extra: list[str], screenshot: str | None = None) -> None:
+def run_main(out: Path, extra: list[str], screenshot: str | None = None,
+             keep: str | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="main-run-"))
     args = [sys.executable, "main.py", f"--cache_dir={work / 'cache'}",
             f"--out_dir={work / 'runs'}", "--run_name=main", *extra]
@@ -58,6 +60,9 @@ def run_main(out: Path, extra: list[str], screenshot: str | None = None) -> None
 
         take(run_dir / "eval" / "report.html", Path(screenshot))
         print(f"screenshot of {run_dir / 'eval' / 'report.html'}: {screenshot}")
+    if keep:  # the whole run directory (weights included), e.g. for bench/learning_curve.py
+        shutil.move(str(run_dir), keep)
+        print(f"run directory kept: {keep}")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -125,11 +130,16 @@ def main() -> None:
     parser.add_argument("--table_only", action="store_true", help="only re-render table.md")
     parser.add_argument("--screenshot", default=None,
                         help="also a PNG of the run's eval/report.html (needs chromium)")
+    parser.add_argument("--keep", default=None,
+                        help="move the run directory (weights too) to this new folder instead "
+                             "of deleting it")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        run_main(out, extra, args.screenshot)
+        if args.keep and Path(args.keep).exists():
+            raise SystemExit(f"--keep={args.keep} exists; give a new folder")
+        run_main(out, extra, args.screenshot, args.keep)
     (out / "table.md").write_text(table(out))
     print((out / "table.md").read_text())
 
