@@ -4,6 +4,7 @@
     python bench/main_run.py --out=results/main_cpu --screenshot=docs/report_screenshot.png
     python bench/main_run.py --out=results/main_cpu --table_only   # re-render table.md from it
     python bench/main_run.py --out=results/cpu_long --keep=runs/cpu_long -- --preset=cpu_long
+    python bench/main_run.py --out=results/cpu_plain --table_only --compare=results/main_cpu
     python sweep.py --sync_readme                             # the README's copy of table.md
 
 Runs `python main.py` exactly as the README gives it, with a fresh, empty cache folder (so the
@@ -13,6 +14,12 @@ its own run directory; times the whole command (wall clock); then copies the run
 eval/summary.json, eval/per_case.csv, eval/lesions.csv; no weights, no images) into --out and
 writes `timing.json` and `table.md` (the table the README shows, every number read from those
 files). Extra arguments after `--` go to main.py.
+
+`--compare=REF` also writes `compare.md`: this run against the evidence folder REF on the same
+test studies (refused otherwise), paired over the studies as sweep.py's paired tests are
+(metrics.paired_comparison: bootstrap CI of the mean difference, Wilcoxon signed-rank), Dice
+over the tumour studies and false-positive volume over the tumour-free ones, of the raw masks
+and, where both runs post-process, of the post-processed ones.
 """
 from __future__ import annotations
 
@@ -121,6 +128,39 @@ def table(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(out: Path, ref: Path) -> str:
+    """compare.md: the run in `out` (a) against the run in `ref` (b), paired over their test
+    studies; both folders hold main_run evidence (split.json, eval/per_case.csv)."""
+    sys.path.insert(0, str(ROOT))
+    import metrics
+    import sweep
+
+    if sweep.run_test_studies(out) != sweep.run_test_studies(ref):
+        raise SystemExit(f"--compare={ref}: its test studies differ from {out}'s "
+                         "(split.json); only runs scored on the same studies are paired")
+    names = [json.loads((d / "timing.json").read_text())["command"].strip() for d in (out, ref)]
+    with open(out / "eval" / "per_case.csv") as fa, open(ref / "eval" / "per_case.csv") as fb:
+        both_pp = all("pp_dice" in f.readline().split(",") for f in (fa, fb))
+    lines = [f"a = `{names[0]}` ({out.name}), b = `{names[1]}` ({ref.name}); paired over the "
+             "same test studies, Δ = a − b, 95 % CI a percentile bootstrap over studies "
+             f"({sweep.PAIRED_N_BOOTSTRAP} resamples, seed 0), p the two-sided Wilcoxon "
+             "signed-rank test; one training run each, so the test holds both models fixed.",
+             "", "| masks | metric (studies) | a | b | Δ [95 % CI] | p | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for post in (False, True) if both_pp else (False,):
+        for column, tumour, _, label in sweep.PAIRED_METRICS:
+            a, b = (sweep.per_study_values(d, column, tumour, post) for d in (out, ref))
+            cases = sorted(a)
+            r = metrics.paired_comparison([a[c] for c in cases], [b[c] for c in cases],
+                                          n_bootstrap=sweep.PAIRED_N_BOOTSTRAP, seed=0)
+            lo, hi = r["ci95"] or (float("nan"), float("nan"))
+            lines.append(f"| {'post-processed' if post else 'raw'} | {label} ({r['n']}) | "
+                         f"{r['mean_a']:.3f} | {r['mean_b']:.3f} | {r['mean_diff']:+.3f} "
+                         f"[{lo:+.3f}, {hi:+.3f}] | {r['wilcoxon_p']:.3g} | "
+                         f"{sweep.paired_verdict(r)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -133,6 +173,8 @@ def main() -> None:
     parser.add_argument("--keep", default=None,
                         help="move the run directory (weights too) to this new folder instead "
                              "of deleting it")
+    parser.add_argument("--compare", default=None,
+                        help="also compare.md: this run paired against the evidence folder REF")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +184,9 @@ def main() -> None:
         run_main(out, extra, args.screenshot, args.keep)
     (out / "table.md").write_text(table(out))
     print((out / "table.md").read_text())
+    if args.compare:
+        (out / "compare.md").write_text(compare(out, Path(args.compare)))
+        print((out / "compare.md").read_text())
 
 
 if __name__ == "__main__":

@@ -212,6 +212,45 @@ def test_main_run_table_reads_every_number_from_the_evidence(tiny_run, tmp_path)
     assert f"{les['detected']} of {les['n_lesions']}" in text
 
 
+def test_main_run_compare_pairs_two_runs_on_their_test_studies(tiny_run, tmp_path):
+    """bench/main_run.py --compare: a run against itself with every tumour study's Dice raised by
+    0.1 gives a paired difference of exactly +0.1 (CI [0.1, 0.1]) and FPV +0; other test
+    studies are refused."""
+    import shutil
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "bench"))
+    import main_run
+
+    _, run_dir, _ = tiny_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        for name in main_run.EVIDENCE:
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / name, d / name)
+        (d / "timing.json").write_text(json.dumps({"command": f"python main.py --{d.name}"}))
+    with open(a / "eval" / "per_case.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    tumour = [r for r in rows if r["has_tumor"] == "True"]
+    assert tumour and all(float(r["dice"]) <= 0.9 for r in tumour)
+    for r in tumour:
+        r["dice"] = str(float(r["dice"]) + 0.1)
+    with open(a / "eval" / "per_case.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = main_run.compare(a, b)
+    dice = next(line for line in text.splitlines() if line.startswith("| raw | Dice"))
+    assert f"({len(tumour)})" in dice and "| +0.100 [+0.100, +0.100] |" in dice, text
+    fpv = next(line for line in text.splitlines() if line.startswith("| raw | FPV"))
+    assert "| +0.000 [+0.000, +0.000] | 1 | no difference |" in fpv, text
+    split = json.loads((b / "split.json").read_text())
+    split["test"] = split["test"][1:]
+    (b / "split.json").write_text(json.dumps(split))
+    with pytest.raises(SystemExit, match="test studies differ"):
+        main_run.compare(a, b)
+
+
 def test_export_onnx_of_a_tiny_run_matches_pytorch(tiny_run, tmp_path):
     """`python test.py --run_dir=R --export_onnx=PATH`: the run's model as ONNX (dynamic batch),
     run with ONNX Runtime on slices of the run's test studies: the logits agree with PyTorch."""
