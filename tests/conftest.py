@@ -91,3 +91,21 @@ class PetThreshold(torch.nn.Module):
 
     def forward(self, x):
         return self.conv(x)
+
+
+def write_toy_run(run_dir: Path, cfg, manifest, model: torch.nn.Module, **checkpoint) -> dict:
+    """A run directory as main.py leaves it, without training: config.json, split.json (the
+    first study "trained" on, the second validation, the rest test), cases.json and
+    checkpoints/best.pt holding `model`'s weights (plus any `checkpoint` entries). The split."""
+    import config
+    from data.prepare import Manifest, save_manifest
+    from data.split import save_split
+
+    ids = sorted(s.case_id for s in manifest.studies)
+    split = {"train": ids[:1], "val": ids[1:2], "test": ids[2:]}
+    (run_dir / "checkpoints").mkdir(parents=True)
+    config.save_config(cfg, run_dir / "config.json")
+    save_split(split, run_dir / "split.json")
+    save_manifest(Manifest(manifest.data_dir, manifest.studies, split), run_dir / "cases.json")
+    torch.save({"model": model.state_dict(), **checkpoint}, run_dir / "checkpoints" / "best.pt")
+    return split

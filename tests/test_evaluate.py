@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PetThreshold
+from conftest import PetThreshold, write_toy_run
 
 import checkpoint
 import inference
@@ -164,9 +164,8 @@ def tiny_run_dir(tmp_path_factory):
     checkpoint), built directly from the data package, with a one-layer conv model: studies
     0-1 of the phantom "trained" on (train / val), 2-4 the test studies."""
     import config
-    from data.prepare import Manifest, prepare_data, save_manifest
+    from data.prepare import prepare_data
     from data.phantom import generate
-    from data.split import save_split
 
     base = tmp_path_factory.mktemp("evalrun")
     generate(base / "phantom", 5, size="unit", seed=0, progress=False)
@@ -174,16 +173,9 @@ def tiny_run_dir(tmp_path_factory):
                               "data_dir": str(base / "phantom"), "min_component_ml": 0.05,
                               "n_bootstrap": 20, "n_val": 1, "n_test": 1})
     manifest = prepare_data(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, n_val=1, n_test=1)
-    ids = sorted(s.case_id for s in manifest.studies)
-    split = {"train": ids[:1], "val": ids[1:2], "test": ids[2:]}
     run_dir = base / "runs" / "tiny"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    config.save_config(cfg, run_dir / "config.json")
-    save_split(split, run_dir / "split.json")
-    save_manifest(Manifest(manifest.data_dir, manifest.studies, split), run_dir / "cases.json")
     model = PetThreshold()
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict()},
-               run_dir / "checkpoints" / "best.pt")
+    write_toy_run(run_dir, cfg, manifest, model, config=cfg.to_dict())
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()},
                run_dir / "checkpoints" / "last.pt")
     return run_dir, base

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PetThreshold
+from conftest import PetThreshold, write_toy_run
 import torch.nn.functional as F
 
 import config
@@ -406,8 +406,7 @@ def test_target_spacing_run_is_scored_and_written_on_the_original_grid(tmp_path,
     'SUV > 3' thresholded on the original PET nearly everywhere (no shift, flip or stretch)."""
     import models
     from data.phantom import generate
-    from data.prepare import Manifest, prepare_data, save_manifest
-    from data.split import save_split
+    from data.prepare import prepare_data
     from metrics import case_metrics
 
     generate(tmp_path / "phantom", 4, size="unit", seed=0, progress=False)
@@ -418,14 +417,8 @@ def test_target_spacing_run_is_scored_and_written_on_the_original_grid(tmp_path,
     manifest = prepare_data(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, n_val=1, n_test=1,
                             target_spacing=7.5)
     assert all(s.resampled and s.shape[:2] == (43, 43) for s in manifest.studies)
-    ids = sorted(s.case_id for s in manifest.studies)
-    split = {"train": ids[:1], "val": ids[1:2], "test": ids[2:]}
     run_dir = tmp_path / "runs" / "r"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    config.save_config(cfg, run_dir / "config.json")
-    save_split(split, run_dir / "split.json")
-    save_manifest(Manifest(manifest.data_dir, manifest.studies, split), run_dir / "cases.json")
-    torch.save({"model": PetThreshold().state_dict()}, run_dir / "checkpoints" / "best.pt")
+    split = write_toy_run(run_dir, cfg, manifest, PetThreshold())
     monkeypatch.setattr(models, "build_model", lambda name, **kw: PetThreshold(kw["in_channels"]))
 
     summary = evaluation.evaluate(run_dir, progress=False)
