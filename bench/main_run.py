@@ -4,7 +4,7 @@
     python bench/main_run.py --out=results/main_cpu --screenshot=docs/report_screenshot.png
     python bench/main_run.py --out=results/main_cpu --table_only   # re-render table.md from it
     python bench/main_run.py --out=results/cpu_long --keep=runs/cpu_long -- --preset=cpu_long
-    python bench/main_run.py --out=results/cpu_plain --table_only --compare=results/main_cpu
+    python bench/main_run.py --out=results/cpu_long --table_only --compare=results/cpu_uptake_ema
     python sweep.py --sync_readme                             # the README's copy of table.md
 
 Runs `python main.py` exactly as the README gives it, with a fresh, empty cache folder (so the
