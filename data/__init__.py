@@ -13,6 +13,9 @@ from .study import DataError, Study, StudyRef
 
 _DATASET_NAMES = ("PetCtSliceDataset", "crop_or_pad", "from_model_grid", "to_model_grid",
                   "worker_init_fn")
+__all__ = ["CachedStudy", "load_cached", "prepare_cache", "find_studies", "load_study",
+           "load_split", "save_split", "split_cases", "DataError", "Study", "StudyRef",
+           *_DATASET_NAMES]
 
 
 def __getattr__(name: str):  # PEP 562: torch is imported only by code that uses the dataset
