@@ -738,7 +738,7 @@ def _seeds_same_sign(a: list[dict[str, float]], b: list[dict[str, float]], mean_
     return f"{agree}/{len(a)}"
 
 
-def paired_verdict(result: dict) -> str:
+def _verdict(result: dict) -> str:
     """A difference is claimed only when the bootstrap CI excludes 0 and Wilcoxon p < 0.05."""
     ci, p = result["ci95"], result["wilcoxon_p"]
     if ci is None or not p < 0.05 or ci[0] <= 0 <= ci[1]:
@@ -777,7 +777,7 @@ def compare_runs(runs_a: list[tuple[dict, Path]], runs_b: list[tuple[dict, Path]
                      mean_reference=result["mean_b"], mean_diff=result["mean_diff"],
                      ci95_low=ci[0], ci95_high=ci[1], wilcoxon_p=result["wilcoxon_p"],
                      zero_method=result["zero_method"], n_bootstrap=n_bootstrap,
-                     verdict=paired_verdict(result),
+                     verdict=_verdict(result),
                      seeds_same_sign=_seeds_same_sign(per_seed_a, per_seed_b, result["mean_diff"]))
         out.append(entry)
     return out

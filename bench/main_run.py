@@ -16,8 +16,8 @@ writes `timing.json` and `table.md` (the table the README shows, every number re
 files). Extra arguments after `--` go to main.py.
 
 `--compare=REF` also writes `compare.md`: this run against the evidence folder REF on the same
-test studies (refused otherwise), paired over the studies as sweep.py's paired tests are
-(metrics.paired_comparison: bootstrap CI of the mean difference, Wilcoxon signed-rank), Dice
+test studies (refused otherwise), paired over the studies by sweep.py's paired tests
+(sweep.compare_runs: bootstrap CI of the mean difference, Wilcoxon signed-rank), Dice
 over the tumour studies and false-positive volume over the tumour-free ones, of the raw masks
 and, where both runs post-process, of the post-processed ones.
 """
@@ -130,17 +130,16 @@ def table(out: Path) -> str:
 
 def compare(out: Path, ref: Path) -> str:
     """compare.md: the run in `out` (a) against the run in `ref` (b), paired over their test
-    studies; both folders hold main_run evidence (split.json, eval/per_case.csv)."""
+    studies by sweep.compare_runs (one seed each); both folders hold main_run evidence."""
     sys.path.insert(0, str(ROOT))
-    import metrics
     import sweep
 
     if sweep.run_test_studies(out) != sweep.run_test_studies(ref):
         raise SystemExit(f"--compare={ref}: its test studies differ from {out}'s "
                          "(split.json); only runs scored on the same studies are paired")
     names = [json.loads((d / "timing.json").read_text())["command"].strip() for d in (out, ref)]
-    with open(out / "eval" / "per_case.csv") as fa, open(ref / "eval" / "per_case.csv") as fb:
-        both_pp = all("pp_dice" in f.readline().split(",") for f in (fa, fb))
+    both_pp = all("postprocessed" in json.loads((d / "eval" / "summary.json").read_text())
+                  for d in (out, ref))
     lines = [f"a = `{names[0]}` ({out.name}), b = `{names[1]}` ({ref.name}); paired over the "
              "same test studies, Δ = a − b, 95 % CI a percentile bootstrap over studies "
              f"({sweep.PAIRED_N_BOOTSTRAP} resamples, seed 0), p the two-sided Wilcoxon "
@@ -148,16 +147,14 @@ def compare(out: Path, ref: Path) -> str:
              "", "| masks | metric (studies) | a | b | Δ [95 % CI] | p | verdict |",
              "|---|---|---|---|---|---|---|"]
     for post in (False, True) if both_pp else (False,):
-        for column, tumour, _, label in sweep.PAIRED_METRICS:
-            a, b = (sweep.per_study_values(d, column, tumour, post) for d in (out, ref))
-            cases = sorted(a)
-            r = metrics.paired_comparison([a[c] for c in cases], [b[c] for c in cases],
-                                          n_bootstrap=sweep.PAIRED_N_BOOTSTRAP, seed=0)
-            lo, hi = r["ci95"] or (float("nan"), float("nan"))
-            lines.append(f"| {'post-processed' if post else 'raw'} | {label} ({r['n']}) | "
-                         f"{r['mean_a']:.3f} | {r['mean_b']:.3f} | {r['mean_diff']:+.3f} "
-                         f"[{lo:+.3f}, {hi:+.3f}] | {r['wilcoxon_p']:.3g} | "
-                         f"{sweep.paired_verdict(r)} |")
+        row_a, row_b = (dict(config=d.name, machine="", seed=0, postprocessed=post)
+                        for d in (out, ref))
+        entries = sweep.compare_runs([(row_a, out)], [(row_b, ref)])
+        for e, (_, _, _, label) in zip(entries, sweep.PAIRED_METRICS):
+            lines.append(f"| {'post-processed' if post else 'raw'} | {label} ({e['n']}) | "
+                         f"{e['mean_config']:.3f} | {e['mean_reference']:.3f} | "
+                         f"{e['mean_diff']:+.3f} [{e['ci95_low']:+.3f}, {e['ci95_high']:+.3f}] | "
+                         f"{e['wilcoxon_p']:.3g} | {e['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
