@@ -77,6 +77,9 @@ class Config:
     uptake_suv: float = 3.0  # aux_target=uptake: SUV threshold of the uptake class
     p_misalign: float = 0.0  # PET/CT misalignment augmentation: CT shifted <= 4 mm, rotated <= 5 deg
     fg_fraction: float = 0.33  # share of training slices that contain tumour (nnU-Net: 1/3)
+    # how those tumour slices are drawn: slice (uniform over tumour slices) | lesion (a lesion
+    # uniform over all lesions, then one of its slices: small lesions as often as large ones)
+    fg_sampling: str = "slice"
     augment: bool = True
     num_workers: int = 0  # DataLoader workers
 
@@ -138,6 +141,9 @@ class Config:
     early_stop_patience: int = 0  # validations without improvement; 0 = never stop early
     eval_batch_size: int = 32
     threshold: float = 0.5  # probability threshold for the binary mask
+    # best checkpoint: pseudo_dice = the highest validation pseudo-Dice at `threshold`;
+    # tuned_pseudo_dice = at the best threshold 0.05..0.95 of each epoch (blind to calibration)
+    select_by: str = "pseudo_dice"
     tune_threshold: bool = False  # choose the threshold on the validation studies instead
     # (pooled Dice over 0.05..0.95; the fair BCE baseline of docs/study.md; saved in eval/summary.json)
     tta: bool = False  # flip test-time augmentation
@@ -260,6 +266,8 @@ CHOICES = {
     "aux_target": ("none", "organs", "uptake"),
     "optimizer": ("adamw", "sgd"),
     "schedule": ("cosine", "poly", "constant"),
+    "select_by": ("pseudo_dice", "tuned_pseudo_dice"),
+    "fg_sampling": ("slice", "lesion"),
     "amp": ("auto", "True", "False"),
     "channels_last": ("auto", "True", "False"),
     "inplane": ("resize", "patch"),

@@ -368,6 +368,27 @@ def postprocess_mask(mask: np.ndarray, *, spacing: Sequence[float], suv: Optiona
     return mask
 
 
+THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
+
+
+def counts_above(prob: np.ndarray, ref: np.ndarray,
+                 thresholds: Sequence[float] = THRESHOLD_CANDIDATES) -> np.ndarray:
+    """(len(thresholds), 3) voxel counts TP, FP, FN of the masks prob > t against ref, for every
+    t of the ascending `thresholds`, in one pass over the volume."""
+    edges = np.asarray(thresholds, dtype=np.float64)
+    if edges.ndim != 1 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"thresholds must be strictly ascending, got {thresholds}")
+    ref = np.asarray(ref, dtype=bool)
+    prob = np.asarray(prob, dtype=np.float64)
+    out = np.zeros((len(edges), 3), dtype=np.int64)
+    for column, voxels in ((0, prob[ref]), (1, prob[~ref])):
+        # n_below[i] = voxels exceeding exactly i thresholds; prob > t_k <=> more than k exceeded
+        n_below = np.bincount(np.searchsorted(edges, voxels, side="left"), minlength=len(edges) + 1)
+        out[:, column] = n_below[::-1].cumsum()[::-1][1:]
+    out[:, 2] = int(ref.sum()) - out[:, 0]
+    return out
+
+
 POSTPROCESS_GRID = {  # the candidates tune_postprocess tries on the validation studies
     "threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     "suv_floor": (0.0, 1.5, 2.5),

@@ -91,6 +91,9 @@ def summary_line(record: dict, epochs: int, best_key: list | None, best_epoch: i
     if record.get("val_pseudo_dice") is not None:
         line += (f" | val pseudo-Dice {record['val_pseudo_dice']:.4f}, mean Dice "
                  f"{record['val_mean_dice']:.4f}, FPV {record['val_fpv_ml']:.2f} ml")
+        if record.get("val_tuned_pseudo_dice") is not None:
+            line += (f", tuned pseudo-Dice {record['val_tuned_pseudo_dice']:.4f} at "
+                     f"{record['val_tuned_threshold']:.2f}")
     line += f" | lr {record['lr']:.2e} | {record['seconds']:.1f} s"
     if record["nonfinite_skipped"]:
         line += f" | {record['nonfinite_skipped']} non-finite steps skipped"

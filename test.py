@@ -55,8 +55,9 @@ from data.geometry import save_mask_nifti, spacing_from_affine
 from data.prepare import check_same_data, load_manifest
 from data.split import load_split
 from inference import predict_study
-from metrics import (POSTPROCESS_GRID, case_metrics, choose_postprocessing, format_summary,
-                     postprocess_counts, postprocess_mask, summarise_cohort)
+from metrics import (POSTPROCESS_GRID, THRESHOLD_CANDIDATES, case_metrics, choose_postprocessing,
+                     counts_above, format_summary, postprocess_counts, postprocess_mask,
+                     summarise_cohort)
 from pictures import overlay_png
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,6 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
     return "-".join(["eval", *parts])
 
 
-THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 
 
 def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size: int,
@@ -277,11 +277,7 @@ def choose_threshold(model: torch.nn.Module, studies: Sequence[Any], *, img_size
                                    overlap=overlap, batch_size=batch_size, device=device,
                                    amp_dtype=amp_dtype, tta=tta, context_slices=context_slices)
         _, ref, _ = study_volumes(cached, suv_max)
-        ref = ref.astype(bool)
-        for k, threshold in enumerate(candidates):
-            pred = prob > threshold
-            counts[k] += [np.count_nonzero(pred & ref), np.count_nonzero(pred & ~ref),
-                          np.count_nonzero(~pred & ref)]
+        counts += counts_above(prob, ref.astype(bool), candidates)
     tp, fp, fn = counts.T
     dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
     best = max(range(len(candidates)), key=lambda k: (dice[k], candidates[k]))

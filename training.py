@@ -37,6 +37,7 @@ from tqdm import tqdm
 import checkpoint
 import models
 import runtime
+from metrics import THRESHOLD_CANDIDATES, counts_above
 from data import worker_init_fn
 from runlog import LOSS_PARTS, RunLog, summary_line
 
@@ -86,6 +87,7 @@ class TrainSettings:
     patch_overlap: float = 0.5  # patch: sliding-window overlap
     eval_batch_size: int = 32  # validation: slices per forward pass
     threshold: float = 0.5
+    select_by: str = "pseudo_dice"  # best checkpoint: pseudo_dice (at threshold) | tuned_pseudo_dice
     keep_epoch_checkpoints: bool = False  # the weights after every validation: epoch_<k>.pt
     log_images: bool = True  # validation previews in TensorBoard
 
@@ -105,7 +107,7 @@ class LoopState:
     step_in_epoch: int = 0
     epoch_sums: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # one record per finished epoch (rank 0)
-    best_key: list | None = None  # [val pseudo-Dice, -val FPV] of the best epoch
+    best_key: list | None = None  # [val (tuned) pseudo-Dice, -val FPV] of the best epoch
     best_epoch: int = 0
     stale_validations: int = 0
     seconds: float = 0.0  # training + validation time over all sessions of the run
@@ -319,13 +321,15 @@ def validate_study(loop: Loop, study: Any, threshold: float) -> dict:
     tp = int(np.count_nonzero(pred & ref))
     fp = int(np.count_nonzero(pred & ~ref))
     fn = int(np.count_nonzero(~pred & ref))
+    counts = counts_above(prob, ref)  # TP, FP, FN at every THRESHOLD_CANDIDATES threshold
     voxel_ml = float(np.prod(study.spacing)) / 1000.0
     preview = None
     if ref.any():  # the axial slice with the most tumour: PET (channel 1), ground truth, prediction
         z = int(ref.sum(axis=(0, 1)).argmax())
         pet = (np.asarray(study.image()[z, 1], dtype=np.float32) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         preview = np.stack([pet.clip(0, 1), ref[:, :, z], pred[:, :, z]]).astype(np.float32)
-    return {"case_id": study.case_id, "tp": tp, "fp": fp, "fn": fn, "has_tumor": bool(ref.any()),
+    return {"case_id": study.case_id, "tp": tp, "fp": fp, "fn": fn, "counts": counts,
+            "has_tumor": bool(ref.any()),
             "pred_ml": float(pred.sum()) * voxel_ml,
             "dice": 2 * tp / (2 * tp + fp + fn) if ref.any() else math.nan, "preview": preview}
 
@@ -333,12 +337,24 @@ def validate_study(loop: Loop, study: Any, threshold: float) -> dict:
 def summarise_validation(rows: list[dict]) -> dict:
     """pseudo-Dice = 2 ΣTP / (2 ΣTP + ΣFP + ΣFN) over all validation voxels (nnU-Net's online
     validation), the mean per-study Dice over studies with tumour, and the mean predicted volume
-    (= false-positive volume, ml) over tumour-free studies. NaN where a subset is empty."""
+    (= false-positive volume, ml) over tumour-free studies. NaN where a subset is empty.
+    val_tuned_pseudo_dice is the highest pseudo-Dice over the thresholds THRESHOLD_CANDIDATES
+    (ties to the higher threshold), val_tuned_threshold the threshold that gives it: a score
+    of the epoch that does not depend on how its probabilities happen to be calibrated."""
     tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
     tumour = [r["dice"] for r in rows if r["has_tumor"]]
     empty = [r["pred_ml"] for r in rows if not r["has_tumor"]]
     denominator = 2 * tp + fp + fn
+    tuned, tuned_threshold = math.nan, math.nan
+    if rows:
+        ctp, cfp, cfn = sum(r["counts"] for r in rows).T.astype(float)
+        denominators = 2 * ctp + cfp + cfn
+        if denominators.max() > 0:
+            dice = np.where(denominators > 0, 2 * ctp / np.maximum(denominators, 1), 0.0)
+            k = max(range(len(dice)), key=lambda i: (dice[i], THRESHOLD_CANDIDATES[i]))
+            tuned, tuned_threshold = float(dice[k]), float(THRESHOLD_CANDIDATES[k])
     return {"val_pseudo_dice": 2 * tp / denominator if denominator else math.nan,
+            "val_tuned_pseudo_dice": tuned, "val_tuned_threshold": tuned_threshold,
             "val_mean_dice": float(np.mean(tumour)) if tumour else math.nan,
             "val_fpv_ml": float(np.mean(empty)) if empty else math.nan,
             "val_studies": len(rows), "val_tumour_free": len(empty)}
@@ -570,17 +586,22 @@ def use_sync_bn(setting: Any, device: torch.device, per_process_batch: int) -> b
     return setting in (True, "True") or models.sync_bn_default(per_process_batch)
 
 
+SELECT_BY = {"pseudo_dice": "val_pseudo_dice", "tuned_pseudo_dice": "val_tuned_pseudo_dice"}
+
+
 def _update_best(state: LoopState, record: dict, *, has_val: bool, validated: bool,
-                 patience: int) -> tuple[bool, bool]:
-    """Best-checkpoint criterion: the highest validation pseudo-Dice; ties -> the lower mean FPV
-    on tumour-free studies (NaN counts as 0 in both). Without validation studies the latest
-    epoch is the best. Returns (improved, stop early: `patience` validations without gain)."""
+                 patience: int, select_by: str = "pseudo_dice") -> tuple[bool, bool]:
+    """Best-checkpoint criterion: the highest validation pseudo-Dice at the run's threshold
+    (select_by=pseudo_dice) or at the best threshold of that epoch (tuned_pseudo_dice); ties ->
+    the lower mean FPV on tumour-free studies (NaN counts as 0 in both). Without validation
+    studies the latest epoch is the best. Returns (improved, stop early: `patience` validations
+    without gain)."""
     if not has_val:
         state.best_key, state.best_epoch = None, record["epoch"]
         return True, False
     if not validated:
         return False, False
-    dice, fpv = record["val_pseudo_dice"], record["val_fpv_ml"]
+    dice, fpv = record[SELECT_BY[select_by]], record["val_fpv_ml"]
     key = [dice if math.isfinite(dice) else 0.0, -fpv if math.isfinite(fpv) else 0.0]
     improved = state.best_key is None or key > state.best_key
     if improved:
@@ -617,13 +638,15 @@ def _fit(loop: Loop, state: LoopState, runlog: RunLog, save: Callable[..., None]
                                 desc=desc, threshold=s.threshold)
             record = {"epoch": epoch + 1, "step": loop.step,
                       **{k: v for k, v in train.items() if k.startswith("train_")},
-                      **{k: val.get(k) for k in ("val_pseudo_dice", "val_mean_dice", "val_fpv_ml")},
+                      **{k: val.get(k) for k in ("val_pseudo_dice", "val_mean_dice", "val_fpv_ml",
+                                                 "val_tuned_pseudo_dice", "val_tuned_threshold")},
                       "lr": loop.optimizer.param_groups[0]["lr"],
                       "seconds": time.perf_counter() - epoch_start,
                       "nonfinite_skipped": loop.nonfinite_total}
             if not val.get("interrupted"):
                 improved, early = _update_best(state, record, has_val=bool(val_studies),
-                                               validated=validated, patience=s.early_stop_patience)
+                                               validated=validated, patience=s.early_stop_patience,
+                                               select_by=s.select_by)
         val_interrupted, early = _from_rank0([float(bool(val.get("interrupted"))), float(early)], loop.device)
         if val_interrupted:  # training of this epoch is done; resume re-runs its validation
             save(state, False)

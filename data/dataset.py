@@ -25,6 +25,13 @@ Sampling (nnU-Net's foreground oversampling, default share 1/3): with probabilit
 studies; otherwise a slice uniform over all slices of all studies (tumour slices included,
 so the expected tumour-slice share is fg_fraction + (1 - fg_fraction) * natural share).
 If no study has tumour, every item is drawn uniformly.
+`fg_sampling="lesion"` draws the tumour items lesion by lesion instead: a lesion uniform over
+all lesions (18-connected components of the 3-D masks) of all studies, then a slice uniform
+over the slices it spans. Slice-uniform sampling sees a lesion in proportion to its axial
+extent, so a 10 ml lesion over 7 slices is drawn ~3x as often as a 0.3 ml one over 2; lesion
+sampling gives every lesion the same share, the small ones that lesion recall counts as much
+as the large ones included. (In patch mode the crop still centres on a tumour voxel of the
+slice drawn uniformly, which can belong to another lesion of the same slice.)
 
 Determinism: item i of epoch e is built only from `np.random.default_rng([seed, e, i])`
 (slice choice and augmentation alike), so a batch does not depend on the number of workers,
@@ -86,6 +93,7 @@ P_CT_SHIFT, CT_SHIFT_MAX = 0.5, 0.05  # CT: +- 0.05 in [-1, 1] units (50 HU for 
 MISALIGN_MAX_MM, MISALIGN_MAX_DEG = 4.0, 5.0  # CT vs PET: shift per axis, rotation (p_misalign)
 AUX_TARGETS = ("none", "organs", "uptake")
 INPLANE_MODES = ("resize", "patch")
+FG_SAMPLING = ("slice", "lesion")
 PAD_VALUE = -1.0  # image value outside a slice: CT at the window's lower bound (air), SUV 0
 _OPEN_MAPS = 64  # memory maps kept open per process (each holds a file descriptor)
 
@@ -150,7 +158,7 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
                  augment: bool = True, context_slices: int = 0, samples_per_epoch: int,
                  seed: int = 0, aux_target: str = "none", aux_classes: int | None = None,
                  uptake_suv: float = UPTAKE_SUV, suv_max: float | None = None,
-                 p_misalign: float = 0.0, inplane: str = "resize"):
+                 p_misalign: float = 0.0, inplane: str = "resize", fg_sampling: str = "slice"):
         if not studies:
             raise DataError("PetCtSliceDataset got no studies; check the split (train set empty?)")
         if img_size < 1 or samples_per_epoch < 1 or context_slices < 0 or seed < 0:
@@ -160,6 +168,8 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
             raise DataError(f"fg_fraction={fg_fraction} must be within [0, 1]")
         if not 0.0 <= p_misalign <= 1.0:
             raise DataError(f"p_misalign={p_misalign} must be within [0, 1]")
+        if fg_sampling not in FG_SAMPLING:
+            raise DataError(f"fg_sampling={fg_sampling!r}: use one of {', '.join(FG_SAMPLING)}")
         if inplane not in INPLANE_MODES:
             raise DataError(f"inplane={inplane!r}: use one of {', '.join(INPLANE_MODES)}")
         self.inplane = inplane
@@ -175,6 +185,9 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         self._starts = np.concatenate([[0], np.cumsum(n_slices)])  # global slice index of z = 0
         self._fg = np.array([(k, z) for k, s in enumerate(self.studies) for z in s.fg_slices],
                             np.int64).reshape(-1, 2)  # (n_fg_slices, 2): study index, z
+        self.fg_sampling = fg_sampling
+        # lesion mode: (n_lesions, 3) study index, first z, last z of each lesion
+        self._lesions = lesion_extents(self.studies) if fg_sampling == "lesion" else None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._maps: OrderedDict = OrderedDict()
 
@@ -204,6 +217,9 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
     def _pick(self, rng: np.random.Generator) -> tuple[int, int, bool]:
         """(study index, z, drawn as a tumour item). The draws of `pick`: two per item."""
         if len(self._fg) and rng.random() < self.fg_fraction:
+            if self._lesions is not None:  # a lesion, then one of its slices (three draws)
+                k, z0, z1 = self._lesions[rng.integers(len(self._lesions))]
+                return int(k), int(z0 + rng.integers(z1 - z0 + 1)), True
             k, z = self._fg[rng.integers(len(self._fg))]
             return int(k), int(z), True
         g = rng.integers(self._starts[-1])
@@ -298,6 +314,24 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         if len(self._maps) > _OPEN_MAPS:
             self._maps.popitem(last=False)
         return maps
+
+
+def lesion_extents(studies: Sequence) -> np.ndarray:
+    """(n_lesions, 3) int64: study index, first z, last z of every 18-connected tumour component
+    of every study (mask() (Z, X, Y)). A connected component occupies every slice between its
+    first and last (a step between neighbours changes z by at most 1), so its bounding box's
+    z range is exactly the slices it spans."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 2)  # 18-connected: the evaluation's lesions
+    rows = []
+    for k, study in enumerate(studies):
+        if not len(study.fg_slices):
+            continue
+        labels, _ = ndimage.label(np.asarray(study.mask()) > 0, structure=structure)
+        rows += [(k, box[0].start, box[0].stop - 1) for box in ndimage.find_objects(labels)
+                 if box is not None]
+    return np.array(rows, np.int64).reshape(-1, 3)
 
 
 def _aux_classes(studies: list, aux_target: str, aux_classes: int | None) -> int:

@@ -35,7 +35,7 @@ ALLOWED = {
     "inference": {"data"},
     "export": {"models"},
     "factory": {"config", "data", "models", "loss"},
-    "training": {"runtime", "checkpoint", "runlog", "data", "inference", "models"},
+    "training": {"runtime", "checkpoint", "runlog", "data", "inference", "models", "metrics"},
     "test": {"config", "data", "models", "loss", "runtime", "checkpoint", "inference", "factory",
              "metrics", "pictures", "quantification", "report", "export"},
     "main": {"config", "data", "models", "loss", "runtime", "checkpoint", "inference", "factory",

@@ -339,3 +339,16 @@ def test_paired_comparison_against_scipy_nan_zeros_and_seed():
     assert empty["n"] == 0 and math.isnan(empty["wilcoxon_p"]) and empty["ci95"] is None
     with pytest.raises(ValueError, match="one length"):
         metrics.paired_comparison([1.0, 2.0], [1.0])
+
+
+def test_counts_above_equals_thresholding_each_candidate():
+    rng = np.random.default_rng(3)
+    prob = rng.random((12, 10, 6))
+    prob.flat[:4] = [0.05, 0.5, 0.95, 0.0]  # exactly on candidates: prob > t is strict
+    ref = rng.random(prob.shape) > 0.6
+    expected = np.array([[np.sum((prob > t) & ref), np.sum((prob > t) & ~ref),
+                          np.sum((prob <= t) & ref)] for t in metrics.THRESHOLD_CANDIDATES])
+    np.testing.assert_array_equal(metrics.counts_above(prob, ref), expected)
+    np.testing.assert_array_equal(metrics.counts_above(prob, ref, (0.5,)), expected[[9]])
+    with pytest.raises(ValueError, match="ascending"):
+        metrics.counts_above(prob, ref, (0.5, 0.3))

@@ -289,6 +289,30 @@ def test_oversampling_share(cached, fg_fraction):
     assert abs(share - expected) < 0.04  # binomial sd <= 0.011 at n = 2000
 
 
+def test_lesion_sampling_draws_every_lesion_equally(tmp_path):
+    # one study, two lesions: a large one over slices 2-9 (8 slices), a small one on slice 15;
+    # slice sampling draws the small one's slice 1 time in 9, lesion sampling 1 time in 2
+    study = make_study(shape=(16, 16, 20), tumour=False)
+    study.mask[2:8, 2:8, 2:10] = 1
+    study.mask[12, 12, 15] = 1
+    (cs,) = prepare_cache([study], tmp_path, progress=False)
+    from data.dataset import lesion_extents
+    np.testing.assert_array_equal(lesion_extents([cs]), [[0, 2, 9], [0, 15, 15]])
+    share = {}
+    for mode in ("slice", "lesion"):
+        ds = PetCtSliceDataset([cs], img_size=16, fg_fraction=1.0, augment=False,
+                               samples_per_epoch=3000, seed=0, fg_sampling=mode)
+        z = np.array([ds.locate(i)[1] for i in range(len(ds))])
+        assert set(z) <= set(range(2, 10)) | {15}  # always a tumour slice
+        share[mode] = np.mean(z == 15)
+        if mode == "lesion":
+            large = np.bincount(z[z < 15], minlength=10)[2:10] / np.sum(z < 15)
+            assert np.abs(large - 1 / 8).max() < 0.03  # uniform over the large lesion's slices
+    assert abs(share["slice"] - 1 / 9) < 0.02 and abs(share["lesion"] - 1 / 2) < 0.03
+    with pytest.raises(DataError, match="fg_sampling"):
+        PetCtSliceDataset([cs], img_size=16, samples_per_epoch=4, fg_sampling="voxel")
+
+
 def test_items_depend_on_seed_epoch_index_only(cached):
     make = lambda: PetCtSliceDataset(cached, img_size=32, samples_per_epoch=12, seed=7)
     a, b = make(), make()

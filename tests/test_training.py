@@ -350,6 +350,40 @@ def test_validation_counts_match_hand_computed_dice():
     assert summary["val_fpv_ml"] == pytest.approx(fp_empty * 64 / 1000)  # 4 mm voxels = 0.064 ml
 
 
+def test_tuned_pseudo_dice_is_blind_to_calibration():
+    class Shy(nn.Module):  # the Half mask, but with probability 0.28 inside it: nothing at 0.5
+        def forward(self, x):
+            inside = x[:, 1:2] > 0.2
+            return torch.where(inside, torch.logit(torch.tensor(0.28)), torch.logit(torch.tensor(0.02)))
+
+    study, empty = FakeStudy("a", True, 1), FakeStudy("b", False, 2)
+    loop = training.Loop(Shy(), Shy(), None, None, None, None, torch.device("cpu"), None, False,
+                         0.0, 0, training.StopSignal(),
+                         validation=dict(img_size=S, batch_size=2, amp_dtype=None, context_slices=0))
+    summary = training.summarise_validation([training.validate_study(loop, s, threshold=0.5)
+                                             for s in (study, empty)])
+    pred = np.moveaxis(study.image()[:, 1].astype(np.float32) > 0.2, 0, -1)
+    ref = np.moveaxis(study.mask() > 0, 0, -1)
+    tp, fp, fn = (pred & ref).sum(), (pred & ~ref).sum(), (~pred & ref).sum()
+    fp_empty = (empty.image()[:, 1].astype(np.float32) > 0.2).sum()
+    assert summary["val_pseudo_dice"] == 0.0  # nothing above 0.5
+    assert summary["val_tuned_pseudo_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fp_empty + fn))
+    assert summary["val_tuned_threshold"] == 0.25  # 0.05 .. 0.25 give the same mask: the highest
+
+
+def test_select_by_chooses_the_epoch_by_its_criterion():
+    records = [dict(epoch=1, val_pseudo_dice=0.40, val_tuned_pseudo_dice=0.45, val_fpv_ml=1.0),
+               dict(epoch=2, val_pseudo_dice=0.20, val_tuned_pseudo_dice=0.60, val_fpv_ml=9.0)]
+    best = {}
+    for select_by in ("pseudo_dice", "tuned_pseudo_dice"):
+        state = training.LoopState()
+        for record in records:
+            training._update_best(state, record, has_val=True, validated=True, patience=0,
+                                  select_by=select_by)
+        best[select_by] = (state.best_epoch, state.best_key[0])
+    assert best == {"pseudo_dice": (1, 0.40), "tuned_pseudo_dice": (2, 0.60)}
+
+
 # ---- runtime helpers -------------------------------------------------------------------------
 
 
