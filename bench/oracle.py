@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         summary["recall_by_volume"] = [dict(volume=name, n=n, recall=rec) for name, n, rec in by_volume]
-        summary["settings"] = {"n_cases": args.n_cases, "size": args.size, "seed": args.seed}
+        import runtime  # noqa: E402 - torch, only to record the commit
+
+        summary["settings"] = {"n_cases": args.n_cases, "size": args.size, "seed": args.seed,
+                               "git_commit": runtime.git_commit()}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
         with open(out / "per_case.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
