@@ -7,12 +7,15 @@
 --collect copies from each run folder the small files behind its numbers (config.json with the
 commit, split.json, metrics.jsonl, eval/summary.json, eval/per_case.csv, eval/lesions.csv)
 into <evidence>/<run name>/; an evidence folder that is already there is refused, never
-overwritten. The table (one row per evidence folder) gives what a run changed against the
-reference's config, its validation-chosen epoch, and test Dice (tumour studies), false-positive
-volume (tumour-free studies) and lesion recall, raw and after the post-processing chosen on
-the validation studies, with the paired difference to the reference over the same test
-studies (post-processed masks; percentile bootstrap CI, 10000 resamples, and the Wilcoxon
-signed-rank p: metrics.paired_comparison). Runs whose test studies differ are refused.
+overwritten. The table has one row per configuration: evidence folders whose configs differ only in the
+seed (and in paths) are one row, their figures mean ± SD over the seeds. A row gives what it
+changed against the reference's config, the validation-chosen epoch of each seed, and test Dice
+(tumour studies), false-positive volume (tumour-free studies) and lesion recall, raw and after
+the post-processing chosen on the validation studies, with the paired difference to the
+reference's row over the same test studies (post-processed masks; each study's value averaged
+over the seeds both rows have; percentile bootstrap CI, 10000 resamples, and the Wilcoxon
+signed-rank p: metrics.paired_comparison; with several seeds, how many of them share the sign
+of the difference). Runs whose test studies differ are refused.
 """
 from __future__ import annotations
 
@@ -71,64 +74,121 @@ def _per_study(run: dict, column: str, tumour: bool) -> dict[str, float]:
     return {r["case_id"]: float(r[key]) for r in run["rows"] if (r["has_tumor"] == "True") == tumour}
 
 
-def _recall_by_size(lesions: list[tuple[float, bool]]) -> str:
+def _recall_by_size(lesions: list[tuple[float, bool]]) -> tuple[float, float]:
     """Lesion recall below / from SMALL_ML (the masks lesions.csv's `detected` is of)."""
     parts = []
     for hits in ([d for v, d in lesions if v < SMALL_ML], [d for v, d in lesions if v >= SMALL_ML]):
-        parts.append(f"{sum(hits) / len(hits):.2f}" if hits else "—")
-    return " / ".join(parts)
+        parts.append(sum(hits) / len(hits) if hits else math.nan)
+    return parts[0], parts[1]
 
 
 def _changes(config: dict, reference: dict) -> str:
-    diff = [f"{k}={config[k]}" for k in sorted(config) if k not in IGNORED
+    diff = [f"{k}={config[k]}" for k in sorted(config) if k not in IGNORED | {"seed"}
             and config.get(k) != reference.get(k)]
     return ", ".join(diff) or "(the reference's settings)"
 
 
-def table(evidence: Path, reference: str) -> str:
+def _settings(config: dict) -> str:
+    """What makes two runs the same configuration: every setting but the seed and the paths."""
+    return json.dumps({k: v for k, v in config.items() if k not in IGNORED | {"seed"}},
+                      sort_keys=True, default=str)
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _best_epoch(run: dict) -> str:
+    validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
+    if not validated:
+        return "—"
+    if run["config"].get("select_by", "pseudo_dice") != "pseudo_dice":
+        return str(max(validated, key=lambda h: h.get("val_tuned_pseudo_dice") or 0.0)["epoch"])
+    return str(max(validated, key=lambda h: h["val_pseudo_dice"])["epoch"])
+
+
+def _delta(group: list[dict], ref_group: list[dict], column: str, tumour: bool) -> str:
+    """Paired over the test studies: each study's value averaged over the seeds both groups
+    have, a − reference; `k/n seeds` the seeds whose own mean difference has the same sign."""
     import metrics
 
+    ref_by_seed = {r["config"].get("seed"): r for r in ref_group}
+    pairs = [(r, ref_by_seed[r["config"].get("seed")]) for r in group
+             if r["config"].get("seed") in ref_by_seed]
+    if not pairs:
+        return "no common seed"
+    per_a = [_per_study(a, column, tumour) for a, _ in pairs]
+    per_b = [_per_study(b, column, tumour) for _, b in pairs]
+    cases = sorted(per_a[0])
+    a = [sum(p[c] for p in per_a) / len(pairs) for c in cases]
+    b = [sum(p[c] for p in per_b) / len(pairs) for c in cases]
+    res = metrics.paired_comparison(a, b, n_bootstrap=10000, seed=0)
+    lo, hi = res["ci95"] or (math.nan, math.nan)
+    text = f"{res['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], {res['wilcoxon_p']:.2g}"
+    if len(pairs) > 1:
+        signs = [sum(pa[c] - pb[c] for c in cases) for pa, pb in zip(per_a, per_b)]
+        same = sum(1 for d in signs if d * res["mean_diff"] > 0)
+        text += f" ({same}/{len(pairs)} seeds)"
+    return text
+
+
+def table(evidence: Path, reference: str) -> str:
     folders = sorted(p for p in evidence.iterdir() if (p / "config.json").is_file())
     runs = {p.name: _load(p) for p in folders}
     if reference not in runs:
         raise TableError(f"no evidence folder {evidence / reference} for --reference")
     ref = runs[reference]
     ref_cases = sorted(r["case_id"] for r in ref["rows"])
-    lines = [f"Runs of `{evidence}` on the same {len(ref_cases)} test studies, one seed each "
-             f"(`python bench/runs_table.py`); Δ = run − `{reference}` on the post-processed "
-             "masks, paired over the test studies (95 % bootstrap CI, Wilcoxon p).", "",
-             "| run | changed against the reference | best epoch / steps | Dice raw / pp | "
-             "FPV ml raw / pp | recall raw / pp | recall pp < / ≥ 1 ml | Δ Dice [CI], p | "
-             "Δ FPV ml [CI], p | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[tuple[str, dict]]] = {}
     for name, run in runs.items():
         if sorted(r["case_id"] for r in run["rows"]) != ref_cases:
             raise TableError(f"{evidence / name} was tested on other studies than {reference}")
-        raw = _figures(run["summary"])
-        post = _figures(run["summary"].get("postprocessed", run["summary"]))
-        validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
-        best = max(validated, key=lambda h: h["val_pseudo_dice"]) if validated else None
-        steps = run["history"][-1]["step"] if run["history"] else 0
-        if run["config"].get("select_by", "pseudo_dice") != "pseudo_dice" and validated:
-            best = max(validated, key=lambda h: h.get("val_tuned_pseudo_dice") or 0.0)
-        deltas = []
-        for column, tumour in (("dice", True), ("fpv_ml", False)):
-            if name == reference:
-                deltas.append("—")
-                continue
-            a, b = _per_study(run, column, tumour), _per_study(ref, column, tumour)
-            cases = sorted(a)
-            res = metrics.paired_comparison([a[c] for c in cases], [b[c] for c in cases],
-                                            n_bootstrap=10000, seed=0)
-            lo, hi = res["ci95"] or (math.nan, math.nan)
-            deltas.append(f"{res['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], {res['wilcoxon_p']:.2g}")
-        commit = run["commit"]
-        commit = commit[:7] + ("*" if commit.endswith("+dirty") else "") if commit != "unknown" else commit
+        groups.setdefault(_settings(run["config"]), []).append((name, run))
+    ref_key = _settings(ref["config"])
+    ref_group = [run for _, run in groups[ref_key]]
+    lines = [f"Runs of `{evidence}` on the same {len(ref_cases)} test studies "
+             f"(`python bench/runs_table.py`); runs that differ only in the seed are one row "
+             f"(figures mean ± SD over seeds). Δ = row − the row of `{reference}` on the "
+             "post-processed masks, paired over the test studies (each study's value averaged "
+             "over the seeds both rows have; 95 % bootstrap CI, Wilcoxon p; `k/n seeds`: the "
+             "seeds whose own difference has that sign).", "",
+             "| runs | changed against the reference | seeds | best epoch / steps | Dice raw / pp | "
+             "FPV ml raw / pp | recall raw / pp | recall pp < / ≥ 1 ml | Δ Dice [CI], p | "
+             "Δ FPV ml [CI], p | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, members in groups.items():
+        members.sort(key=lambda m: m[1]["config"].get("seed", 0))
+        group = [run for _, run in members]
+        raw = [_figures(r["summary"]) for r in group]
+        post = [_figures(r["summary"].get("postprocessed", r["summary"])) for r in group]
+        by_size = [_recall_by_size(r["lesions"]) for r in group]
+
+        def cell(i: int, digits: int) -> str:
+            return (f"{_mean_sd([f[i] for f in raw], digits)} / "
+                    f"{_mean_sd([f[i] for f in post], digits)}")
+
+        steps = sorted({r["history"][-1]["step"] if r["history"] else 0 for r in group})
+        if key == ref_key:
+            deltas, changed = ["—", "—"], "reference"
+        else:
+            deltas = [_delta(group, ref_group, "dice", True), _delta(group, ref_group, "fpv_ml", False)]
+            changed = _changes(group[0]["config"], ref["config"])
+        commits = []
+        for r in group:
+            c = r["commit"]
+            c = c[:7] + ("*" if c.endswith("+dirty") else "") if c != "unknown" else c
+            if c not in commits:
+                commits.append(c)
         lines.append(
-            f"| {name} | {_changes(run['config'], ref['config']) if name != reference else 'reference'} | "
-            f"{best['epoch'] if best else '—'} / {steps} | {raw[0]:.3f} / {post[0]:.3f} | "
-            f"{raw[1]:.2f} / {post[1]:.2f} | {raw[2]:.2f} / {post[2]:.2f} | "
-            f"{_recall_by_size(run['lesions'])} | {deltas[0]} | "
-            f"{deltas[1]} | `{commit}` |")
+            f"| {', '.join(name for name, _ in members)} | {changed} | "
+            f"{', '.join(str(r['config'].get('seed', '?')) for r in group)} | "
+            f"{', '.join(_best_epoch(r) for r in group)} / {', '.join(map(str, steps))} | "
+            f"{cell(0, 3)} | {cell(1, 2)} | {cell(2, 2)} | "
+            f"{_mean_sd([s[0] for s in by_size], 2)} / {_mean_sd([s[1] for s in by_size], 2)} | "
+            f"{deltas[0]} | {deltas[1]} | {', '.join(f'`{c}`' for c in commits)} |")
     return "\n".join(lines) + "\n"
 
 

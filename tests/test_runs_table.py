@@ -20,12 +20,13 @@ def rt():
     return module
 
 
-def fake_run(folder: Path, *, epochs: int, dice: list[float], fpv: list[float], cases=None) -> None:
+def fake_run(folder: Path, *, epochs: int, dice: list[float], fpv: list[float], cases=None,
+             seed: int = 0) -> None:
     """A finished run's small files: 3 tumour studies (dice) and 3 tumour-free ones (fpv)."""
     cases = cases or [f"c{i}" for i in range(6)]
     (folder / "eval").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
-        "config": {"epochs": epochs, "lr": 0.003, "run_name": folder.name},
+        "config": {"epochs": epochs, "lr": 0.003, "run_name": folder.name, "seed": seed},
         "environment": {"git_commit": "abcdef0123456789"}}))
     (folder / "split.json").write_text(json.dumps({"train": [], "val": [], "test": cases}))
     (folder / "metrics.jsonl").write_text("".join(
@@ -59,7 +60,7 @@ def test_table_pairs_each_run_with_the_reference(tmp_path, rt):
     row = next(line for line in text.splitlines() if line.startswith("| longer |"))
     assert "epochs=5" in row and "lr=" not in row and "run_name" not in row
     assert "| +0.100 [+0.100, +0.100]" in row and "| -0.500 [-0.500, -0.500]" in row
-    assert "| 2 / 30 |" in row and "0.500 / 0.500" in row and "`abcdef0`" in row and "| 0.50 / 1.00 |" in row
+    assert "| 0 | 2 / 30 |" in row and "0.500 / 0.500" in row and "`abcdef0`" in row and "| 0.50 / 1.00 |" in row
     # an evidence folder is never overwritten; other test studies are refused
     with pytest.raises(rt.TableError, match="exists already"):
         rt.collect([runs / "ref"], evidence)
@@ -68,3 +69,40 @@ def test_table_pairs_each_run_with_the_reference(tmp_path, rt):
     rt.collect([runs / "other"], evidence)
     with pytest.raises(rt.TableError, match="other studies"):
         rt.table(evidence, "ref")
+
+
+def test_seeds_of_one_configuration_are_one_row(tmp_path, rt):
+    """Runs that differ only in the seed: mean ± SD per row, the paired difference averaged per
+    study over the seeds both rows have, and how many seeds share its sign."""
+    ev = tmp_path / "evidence"
+    fake_run(ev / "ref", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=0)
+    fake_run(ev / "ref_s1", epochs=3, dice=[0.4, 0.4, 0.4], fpv=[1.0, 1.0, 1.0], seed=1)
+    fake_run(ev / "long", epochs=5, dice=[0.5, 0.5, 0.5], fpv=[0.0, 1.0, 2.0], seed=0)
+    fake_run(ev / "long_s1", epochs=5, dice=[0.3, 0.3, 0.3], fpv=[2.0, 2.0, 2.0], seed=1)
+    text = rt.table(ev, "ref")
+    rows = [line for line in text.splitlines() if line.startswith("| ref") or line.startswith("| long")]
+    assert len(rows) == 2
+    ref_row = next(r for r in rows if r.startswith("| ref, ref_s1 |"))
+    long_row = next(r for r in rows if r.startswith("| long, long_s1 |"))
+    assert "| reference | 0, 1 |" in ref_row
+    # Dice means 0.4 and 0.4 (SD 0), long 0.5 and 0.3: mean 0.400 ± 0.141
+    assert "0.400 ± 0.141 / 0.400 ± 0.141" in long_row and "0.400 ± 0.000" in ref_row
+    # per study a = (0.5+0.3)/2 = 0.4 against b = (0.2+0.4)/2, 0.4, (0.6+0.4)/2: d = +0.1, 0, -0.1
+    assert "| +0.000 [" in long_row
+    # FPV: a = 1.0, 1.5, 2.0 against b = 1.0, 1.5, 2.0 -> 0; seed 0 -1.0 per study, seed 1 +1.0
+    fpv_cell = long_row.split(" | ")[9]
+    assert fpv_cell.startswith("+0.000") or fpv_cell.startswith("-0.000")
+    # a seed the reference lacks pairs with nothing
+    fake_run(ev / "only_s5", epochs=7, dice=[0.5, 0.5, 0.5], fpv=[0.0, 0.0, 0.0], seed=5)
+    row = next(r for r in rt.table(ev, "ref").splitlines() if r.startswith("| only_s5 |"))
+    assert "no common seed" in row
+
+
+def test_seed_sign_counts(tmp_path, rt):
+    ev = tmp_path / "evidence"
+    for seed, (rd, ld) in enumerate([(0.2, 0.5), (0.3, 0.4), (0.4, 0.3)]):
+        fake_run(ev / f"ref_s{seed}", epochs=3, dice=[rd] * 3, fpv=[1.0] * 3, seed=seed)
+        fake_run(ev / f"long_s{seed}", epochs=5, dice=[ld] * 3, fpv=[1.0] * 3, seed=seed)
+    row = next(r for r in rt.table(ev, "ref_s0").splitlines() if r.startswith("| long_s0"))
+    # per-seed differences +0.3, +0.1, -0.1: the mean +0.1 is shared by 2 of 3 seeds
+    assert "+0.100 [+0.100, +0.100], " in row and "(2/3 seeds)" in row
