@@ -52,8 +52,18 @@ def collect(run_dirs: list[Path], evidence: Path) -> None:
             shutil.copy2(run / name, target / name)
 
 
+def _with_defaults(settings: dict) -> dict:
+    """A run's settings with those its commit did not have yet filled in with today's defaults
+    (a setting is added with the default that keeps the earlier behaviour), so that an earlier
+    run and a later one of the same recipe are the same configuration."""
+    import config as config_module
+
+    return {**config_module.Config().to_dict(), **settings}
+
+
 def _load(folder: Path) -> dict:
     config = json.loads((folder / "config.json").read_text())
+    config["config"] = _with_defaults(config["config"])
     summary = json.loads((folder / "eval" / "summary.json").read_text())
     with open(folder / "eval" / "per_case.csv", newline="") as f:
         rows = list(csv.DictReader(f))

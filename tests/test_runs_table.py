@@ -106,3 +106,22 @@ def test_seed_sign_counts(tmp_path, rt):
     row = next(r for r in rt.table(ev, "ref_s0").splitlines() if r.startswith("| long_s0"))
     # per-seed differences +0.3, +0.1, -0.1: the mean +0.1 is shared by 2 of 3 seeds
     assert "+0.100 [+0.100, +0.100], " in row and "(2/3 seeds)" in row
+
+
+def test_a_setting_newer_than_a_run_takes_its_default(tmp_path, rt):
+    """An earlier run's config lacks settings added since; they count as today's defaults, so
+    the same recipe with a newer commit is the same row and only real changes are listed."""
+    ev = tmp_path / "evidence"
+    fake_run(ev / "old", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=0)
+    fake_run(ev / "new_s1", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=1)
+    fake_run(ev / "lesion", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=0)
+    for name, extra in (("new_s1", {"select_by": "pseudo_dice", "fg_sampling": "slice"}),
+                        ("lesion", {"select_by": "pseudo_dice", "fg_sampling": "lesion"})):
+        path = ev / name / "config.json"
+        data = json.loads(path.read_text())
+        data["config"].update(extra)
+        path.write_text(json.dumps(data))
+    lines = rt.table(ev, "old").splitlines()
+    assert any(line.startswith("| old, new_s1 | reference | 0, 1 |") for line in lines)
+    row = next(line for line in lines if line.startswith("| lesion |"))
+    assert "| fg_sampling=lesion |" in row
