@@ -6,7 +6,8 @@
 
 --collect copies from each run folder the small files behind its numbers (config.json with the
 commit, split.json, metrics.jsonl, eval/summary.json, eval/per_case.csv, eval/lesions.csv)
-into <evidence>/<run name>/; an evidence folder that is already there is refused, never
+into <evidence>/<run name>/ (with --eval=eval-last, the evaluation of the last weights that
+`python test.py --run_dir=R --checkpoint=last` wrote, into <evidence>/<run name>.eval-last/); an evidence folder that is already there is refused, never
 overwritten. The table has one row per configuration: evidence folders whose configs differ only in the
 seed (and in paths) are one row, their figures mean ± SD over the seeds. A row gives what it
 changed against the reference's config, the validation-chosen epoch of each seed, and test Dice
@@ -39,17 +40,21 @@ class TableError(ValueError):
     user_error = True
 
 
-def collect(run_dirs: list[Path], evidence: Path) -> None:
+def collect(run_dirs: list[Path], evidence: Path, eval_name: str = "eval") -> None:
+    """Copy each run's FILES into <evidence>/<run name>/ (another evaluation of the run,
+    e.g. eval-last from `test.py --checkpoint=last`, into <evidence>/<run name>.<eval_name>/,
+    its files under eval/ all the same)."""
     for run in run_dirs:
-        target = evidence / run.name
+        target = evidence / (run.name if eval_name == "eval" else f"{run.name}.{eval_name}")
         if target.exists():
             raise TableError(f"{target} exists already: remove it first or use another run name")
-        missing = [f for f in FILES if not (run / f).is_file()]
+        sources = {name: run / (name.replace("eval/", f"{eval_name}/", 1)) for name in FILES}
+        missing = [str(path.relative_to(run)) for path in sources.values() if not path.is_file()]
         if missing:
             raise TableError(f"{run} lacks {', '.join(missing)}: is it a finished, evaluated run?")
-        for name in FILES:
+        for name, source in sources.items():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run / name, target / name)
+            shutil.copy2(source, target / name)
 
 
 def _with_defaults(settings: dict) -> dict:
@@ -65,6 +70,8 @@ def _load(folder: Path) -> dict:
     config = json.loads((folder / "config.json").read_text())
     config["config"] = _with_defaults(config["config"])
     summary = json.loads((folder / "eval" / "summary.json").read_text())
+    # which weights the evaluation scored (test.py --checkpoint): part of what a row is
+    config["config"]["checkpoint"] = summary.get("settings", {}).get("checkpoint", "best")
     with open(folder / "eval" / "per_case.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
@@ -114,6 +121,8 @@ def _mean_sd(values: list[float], digits: int) -> str:
 
 def _best_epoch(run: dict) -> str:
     validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
+    if run["config"]["checkpoint"] == "last" and run["history"]:
+        return f"{run['history'][-1]['epoch']} (last)"
     if not validated:
         return "—"
     if run["config"].get("select_by", "pseudo_dice") != "pseudo_dice":
@@ -206,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--evidence", required=True, help="folder of evidence folders, one per run")
     ap.add_argument("--collect", nargs="*", default=[], help="run folders to copy evidence from")
+    ap.add_argument("--eval", default="eval", help="--collect this evaluation folder of each run "
+                    "(eval-last: test.py --checkpoint=last) into <evidence>/<run>.<eval>/")
     ap.add_argument("--reference", default=None, help="evidence folder name of the reference run")
     ap.add_argument("--out", default=None, help="write the table here (markdown)")
     args = ap.parse_args(argv)
     evidence = Path(args.evidence)
     if args.collect:
-        collect([Path(p) for p in args.collect], evidence)
+        collect([Path(p) for p in args.collect], evidence, args.eval)
     if args.reference:
         text = table(evidence, args.reference)
         if args.out:

@@ -125,3 +125,26 @@ def test_a_setting_newer_than_a_run_takes_its_default(tmp_path, rt):
     assert any(line.startswith("| old, new_s1 | reference | 0, 1 |") for line in lines)
     row = next(line for line in lines if line.startswith("| lesion |"))
     assert "| fg_sampling=lesion |" in row
+
+
+def test_the_last_weights_evaluation_is_its_own_row(tmp_path, rt):
+    """--eval=eval-last collects test.py --checkpoint=last's evaluation as <run>.eval-last: a row
+    of its own (checkpoint=last), at the last epoch, paired with the reference."""
+    runs, ev = tmp_path / "runs", tmp_path / "evidence"
+    fake_run(runs / "ref", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0])
+    last = tmp_path / "last"
+    fake_run(last, epochs=3, dice=[0.4, 0.6, 0.8], fpv=[4.0, 5.0, 6.0])
+    summary = json.loads((last / "eval" / "summary.json").read_text())
+    summary["settings"] = {"checkpoint": "last"}
+    (runs / "ref" / "eval-last").mkdir()
+    (runs / "ref" / "eval-last" / "summary.json").write_text(json.dumps(summary))
+    for name in ("per_case.csv", "lesions.csv"):
+        (runs / "ref" / "eval-last" / name).write_text((last / "eval" / name).read_text())
+    rt.main(["--evidence", str(ev), "--collect", str(runs / "ref")])
+    rt.main(["--evidence", str(ev), "--collect", str(runs / "ref"), "--eval", "eval-last"])
+    assert sorted(p.name for p in ev.iterdir()) == ["ref", "ref.eval-last"]
+    row = next(r for r in rt.table(ev, "ref").splitlines() if r.startswith("| ref.eval-last |"))
+    assert "| checkpoint=last | 0 | 3 (last) / 30 |" in row
+    assert "| +0.200 [+0.200, +0.200]" in row and "| +3.000 [+3.000, +3.000]" in row
+    with pytest.raises(rt.TableError, match="lacks eval-tta/summary.json"):
+        rt.collect([runs / "ref"], tmp_path / "other", "eval-tta")
