@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib.util
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -109,3 +111,23 @@ def write_toy_run(run_dir: Path, cfg, manifest, model: torch.nn.Module, **checkp
     save_manifest(Manifest(manifest.data_dir, manifest.studies, split), run_dir / "cases.json")
     torch.save({"model": model.state_dict(), **checkpoint}, run_dir / "checkpoints" / "best.pt")
     return split
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_tiny_run(tmp_path: Path, name: str, *extra: str) -> Path:
+    """`main.py --preset=tiny` into tmp_path/runs/<name>, every epoch's weights kept, no
+    overlays; returns the run folder."""
+    import main
+
+    main.main(["--preset=tiny", f"--out_dir={tmp_path / 'runs'}", f"--run_name={name}",
+               f"--cache_dir={tmp_path / 'cache'}", "--keep_epoch_checkpoints=True",
+               "--save_overlays=False", *extra])
+    return tmp_path / "runs" / name

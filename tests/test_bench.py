@@ -5,11 +5,11 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device=cpu", "--model=transunet_tiny", "--img_size=64", "--batch=2", "--amp=off"]
@@ -17,10 +17,7 @@ TINY = ["--device=cpu", "--model=transunet_tiny", "--img_size=64", "--batch=2", 
 
 @pytest.fixture(scope="module")
 def bench_cuda():
-    spec = importlib.util.spec_from_file_location("bench_cuda", ROOT / "bench" / "bench_cuda.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_cuda")
 
 
 def _rows(out: str) -> dict[str, float]:

@@ -4,22 +4,16 @@ masks a tiny run's evaluation wrote."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def fp_module():
-    spec = importlib.util.spec_from_file_location("fp_by_organ", ROOT / "bench" / "fp_by_organ.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("fp_by_organ")
 
 
 def test_false_positives_go_to_the_nearest_organ_within_reach(fp_module):

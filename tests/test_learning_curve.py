@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def curve_module():
-    spec = importlib.util.spec_from_file_location("learning_curve",
-                                                  ROOT / "bench" / "learning_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("learning_curve")
 
 
 def test_learning_curve_of_a_tiny_run(tmp_path, curve_module):
-    import main
-
-    main.main(["--preset=tiny", f"--out_dir={tmp_path / 'runs'}", "--run_name=lc",
-               f"--cache_dir={tmp_path / 'cache'}", "--keep_epoch_checkpoints=True",
-               "--save_overlays=False"])
-    run_dir = tmp_path / "runs" / "lc"
+    run_dir = train_tiny_run(tmp_path, "lc")
     curve_module.main([f"--run_dir={run_dir}", f"--out={tmp_path / 'curve'}"])
     with open(tmp_path / "curve" / "learning_curve.csv") as f:
         rows = list(csv.DictReader(f))

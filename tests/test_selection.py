@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def selection():
-    spec = importlib.util.spec_from_file_location("selection", ROOT / "bench" / "selection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("selection")
 
 
 def test_selection_of_a_tiny_run(tmp_path, selection):
-    import main
-
-    main.main(["--preset=tiny", f"--out_dir={tmp_path / 'runs'}", "--run_name=sel",
-               f"--cache_dir={tmp_path / 'cache'}", "--keep_epoch_checkpoints=True",
-               "--save_overlays=False", "--epochs=3", "--select_by=tuned_pseudo_dice"])
-    run_dir = tmp_path / "runs" / "sel"
+    run_dir = train_tiny_run(tmp_path, "sel", "--epochs=3", "--select_by=tuned_pseudo_dice")
     assert selection.main([f"--run_dir={run_dir}", f"--out={tmp_path / 'sel'}"]) == 0
     with open(tmp_path / "sel" / "selection.csv") as f:
         rows = list(csv.DictReader(f))
