@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         summary["recall_by_volume"] = [dict(volume=name, n=n, recall=rec) for name, n, rec in by_volume]
-        import runtime  # noqa: E402 - torch, only to record the commit
+        import runtime  # imports torch: only here, to record the commit
 
         summary["settings"] = {"n_cases": args.n_cases, "size": args.size, "seed": args.seed,
                                "git_commit": runtime.git_commit()}

@@ -8,15 +8,16 @@
 commit, split.json, metrics.jsonl, eval/summary.json, eval/per_case.csv, eval/lesions.csv)
 into <evidence>/<run name>/ (with --eval=eval-last, the evaluation of the last weights that
 `python test.py --run_dir=R --checkpoint=last` wrote, into <evidence>/<run name>.eval-last/); an evidence folder that is already there is refused, never
-overwritten. The table has one row per configuration: evidence folders whose configs differ only in the
-seed (and in paths) are one row, their figures mean ± SD over the seeds. A row gives what it
+overwritten. The table has one row per configuration: evidence folders whose configs differ only in
+what sweep.py's settings fingerprint leaves out (the seed, paths, speed settings) are one row,
+their figures mean ± SD over the seeds. A row gives what it
 changed against the reference's config, the validation-chosen epoch of each seed, and test Dice
 (tumour studies), false-positive volume (tumour-free studies) and lesion recall, raw and after
 the post-processing chosen on the validation studies, with the paired difference to the
 reference's row over the same test studies (post-processed masks; each study's value averaged
 over the seeds both rows have; percentile bootstrap CI, 10000 resamples, and the Wilcoxon
-signed-rank p: metrics.paired_comparison; with several seeds, how many of them share the sign
-of the difference). Runs whose test studies differ are refused.
+signed-rank p: sweep.compare_runs, the study's paired tests; with several seeds, how many of
+them share the sign of the difference). Runs whose test studies differ are refused.
 """
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ import csv
 import json
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+import config  # noqa: E402
+import sweep  # noqa: E402 - the settings fingerprint, the paired tests, the commit label
 
 FILES = ("config.json", "split.json", "metrics.jsonl", "eval/summary.json", "eval/per_case.csv",
          "eval/lesions.csv")
 SMALL_ML = 1.0  # lesions below this volume are "small" in the recall-by-size column
-IGNORED = {"run_name", "out_dir", "resume", "keep_epoch_checkpoints", "cache_dir"}
 
 
 class TableError(ValueError):
@@ -57,38 +60,28 @@ def collect(run_dirs: list[Path], evidence: Path, eval_name: str = "eval") -> No
             shutil.copy2(source, target / name)
 
 
-def _with_defaults(settings: dict) -> dict:
-    """A run's settings with those its commit did not have yet filled in with today's defaults
-    (a setting is added with the default that keeps the earlier behaviour), so that an earlier
-    run and a later one of the same recipe are the same configuration."""
-    import config as config_module
-
-    return {**config_module.Config().to_dict(), **settings}
-
-
 def _load(folder: Path) -> dict:
-    config = json.loads((folder / "config.json").read_text())
-    config["config"] = _with_defaults(config["config"])
+    # config.load_config: settings an earlier run's commit lacked take today's defaults (a
+    # setting is added with the default that keeps the earlier behaviour), so an earlier run and
+    # a later one of the same recipe are the same configuration
+    settings = config.load_config(folder).to_dict()
+    environment = json.loads((folder / "config.json").read_text()).get("environment", {})
     summary = json.loads((folder / "eval" / "summary.json").read_text())
     # which weights the evaluation scored (test.py --checkpoint): part of what a row is
-    config["config"]["checkpoint"] = summary.get("settings", {}).get("checkpoint", "best")
+    settings["checkpoint"] = summary.get("settings", {}).get("checkpoint", "best")
     with open(folder / "eval" / "per_case.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        cases = sorted(r["case_id"] for r in csv.DictReader(f))
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     with open(folder / "eval" / "lesions.csv", newline="") as f:
         lesions = [(float(r["volume_ml"]), r["detected"] == "True") for r in csv.DictReader(f)]
-    return {"lesions": lesions, "config": config["config"], "commit": config["environment"].get("git_commit") or "unknown",
-            "summary": summary, "rows": rows, "history": history}
+    return {"folder": folder, "lesions": lesions, "config": settings, "summary": summary,
+            "commit": environment.get("git_commit") or "unknown", "cases": cases,
+            "history": history}
 
 
 def _figures(cohort: dict) -> tuple[float, float, float]:
     return (cohort["metrics"]["dice"]["mean"], cohort["metrics"]["fpv_ml_tumor_free"]["mean"],
             cohort["lesions"]["recall"])
-
-
-def _per_study(run: dict, column: str, tumour: bool) -> dict[str, float]:
-    key = f"pp_{column}" if "postprocessed" in run["summary"] else column
-    return {r["case_id"]: float(r[key]) for r in run["rows"] if (r["has_tumor"] == "True") == tumour}
 
 
 def _recall_by_size(lesions: list[tuple[float, bool]]) -> tuple[float, float]:
@@ -99,60 +92,65 @@ def _recall_by_size(lesions: list[tuple[float, bool]]) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
-def _changes(config: dict, reference: dict) -> str:
-    diff = [f"{k}={config[k]}" for k in sorted(config) if k not in IGNORED | {"seed"}
-            and config.get(k) != reference.get(k)]
+def _settings(settings: dict) -> str:
+    """What makes two runs the same configuration (sweep.settings_fingerprint: every setting but
+    the seed, the paths and what only changes speed), plus the weights an evaluation scored."""
+    return json.dumps(sweep.settings_fingerprint(settings), sort_keys=True)
+
+
+def _changes(settings: dict, reference: dict) -> str:
+    diff = [f"{k}={settings[k]}" for k in sweep.settings_fingerprint(settings)
+            if settings[k] != reference.get(k)]
     return ", ".join(diff) or "(the reference's settings)"
 
 
-def _settings(config: dict) -> str:
-    """What makes two runs the same configuration: every setting but the seed and the paths."""
-    return json.dumps({k: v for k, v in config.items() if k not in IGNORED | {"seed"}},
-                      sort_keys=True, default=str)
-
-
 def _mean_sd(values: list[float], digits: int) -> str:
-    mean = sum(values) / len(values)
+    mean = statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.{digits}f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _best_epoch(run: dict) -> str:
-    validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
+    """The epoch the run's weights are from: the last, or the one the training loop's own rule
+    (training._update_best under the run's select_by) chose from its validations."""
     if run["config"]["checkpoint"] == "last" and run["history"]:
         return f"{run['history'][-1]['epoch']} (last)"
+    validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
     if not validated:
         return "—"
-    if run["config"].get("select_by", "pseudo_dice") != "pseudo_dice":
-        return str(max(validated, key=lambda h: h.get("val_tuned_pseudo_dice") or 0.0)["epoch"])
-    return str(max(validated, key=lambda h: h["val_pseudo_dice"])["epoch"])
+    import training  # torch: only for the rule itself
+
+    state = training.LoopState()
+    for record in validated:
+        training._update_best(state, record, has_val=True, validated=True, patience=0,
+                              select_by=run["config"]["select_by"])
+    return str(state.best_epoch)
 
 
-def _delta(group: list[dict], ref_group: list[dict], column: str, tumour: bool) -> str:
-    """Paired over the test studies: each study's value averaged over the seeds both groups
-    have, a − reference; `k/n seeds` the seeds whose own mean difference has the same sign."""
-    import metrics
-
-    ref_by_seed = {r["config"].get("seed"): r for r in ref_group}
-    pairs = [(r, ref_by_seed[r["config"].get("seed")]) for r in group
-             if r["config"].get("seed") in ref_by_seed]
+def _delta(group: list[dict], ref_group: list[dict]) -> list[str]:
+    """Dice (tumour studies) and FPV (tumour-free) against the reference's row, paired over the
+    test studies on the seeds both rows have (sweep.compare_runs: each study's value averaged
+    over those seeds; `k/n seeds`: the seeds whose own mean difference has that sign)."""
+    ref_by_seed = {r["config"]["seed"]: r for r in ref_group}
+    pairs = [(r, ref_by_seed[r["config"]["seed"]]) for r in group if r["config"]["seed"] in ref_by_seed]
     if not pairs:
-        return "no common seed"
-    per_a = [_per_study(a, column, tumour) for a, _ in pairs]
-    per_b = [_per_study(b, column, tumour) for _, b in pairs]
-    cases = sorted(per_a[0])
-    a = [sum(p[c] for p in per_a) / len(pairs) for c in cases]
-    b = [sum(p[c] for p in per_b) / len(pairs) for c in cases]
-    res = metrics.paired_comparison(a, b, n_bootstrap=10000, seed=0)
-    lo, hi = res["ci95"] or (math.nan, math.nan)
-    text = f"{res['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], {res['wilcoxon_p']:.2g}"
-    if len(pairs) > 1:
-        signs = [sum(pa[c] - pb[c] for c in cases) for pa, pb in zip(per_a, per_b)]
-        same = sum(1 for d in signs if d * res["mean_diff"] > 0)
-        text += f" ({same}/{len(pairs)} seeds)"
-    return text
+        return ["no common seed"] * len(sweep.PAIRED_METRICS)
+
+    def side(run: dict) -> tuple[dict, Path]:
+        return (dict(config=run["folder"].name, machine="", seed=run["config"]["seed"],
+                     postprocessed="postprocessed" in run["summary"]), run["folder"])
+
+    entries = sweep.compare_runs([side(a) for a, _ in pairs], [side(b) for _, b in pairs])
+    cells = []
+    for e in entries:
+        if e["refused"]:
+            cells.append(f"refused: {e['refused']}")
+            continue
+        text = (f"{e['mean_diff']:+.3f} [{e['ci95_low']:+.3f}, {e['ci95_high']:+.3f}], "
+                f"{e['wilcoxon_p']:.2g}")
+        cells.append(text + (f" ({e['seeds_same_sign']} seeds)" if len(pairs) > 1 else ""))
+    return cells
 
 
 def table(evidence: Path, reference: str) -> str:
@@ -161,10 +159,10 @@ def table(evidence: Path, reference: str) -> str:
     if reference not in runs:
         raise TableError(f"no evidence folder {evidence / reference} for --reference")
     ref = runs[reference]
-    ref_cases = sorted(r["case_id"] for r in ref["rows"])
+    ref_cases = ref["cases"]
     groups: dict[str, list[tuple[str, dict]]] = {}
     for name, run in runs.items():
-        if sorted(r["case_id"] for r in run["rows"]) != ref_cases:
+        if run["cases"] != ref_cases:
             raise TableError(f"{evidence / name} was tested on other studies than {reference}")
         groups.setdefault(_settings(run["config"]), []).append((name, run))
     ref_key = _settings(ref["config"])
@@ -179,7 +177,7 @@ def table(evidence: Path, reference: str) -> str:
              "FPV ml raw / pp | recall raw / pp | recall pp < / ≥ 1 ml | Δ Dice [CI], p | "
              "Δ FPV ml [CI], p | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, members in groups.items():
-        members.sort(key=lambda m: m[1]["config"].get("seed", 0))
+        members.sort(key=lambda m: m[1]["config"]["seed"])
         group = [run for _, run in members]
         raw = [_figures(r["summary"]) for r in group]
         post = [_figures(r["summary"].get("postprocessed", r["summary"])) for r in group]
@@ -193,17 +191,12 @@ def table(evidence: Path, reference: str) -> str:
         if key == ref_key:
             deltas, changed = ["—", "—"], "reference"
         else:
-            deltas = [_delta(group, ref_group, "dice", True), _delta(group, ref_group, "fpv_ml", False)]
+            deltas = _delta(group, ref_group)
             changed = _changes(group[0]["config"], ref["config"])
-        commits = []
-        for r in group:
-            c = r["commit"]
-            c = c[:7] + ("*" if c.endswith("+dirty") else "") if c != "unknown" else c
-            if c not in commits:
-                commits.append(c)
+        commits = list(dict.fromkeys(sweep.short_commit(r["commit"]) for r in group))
         lines.append(
             f"| {', '.join(name for name, _ in members)} | {changed} | "
-            f"{', '.join(str(r['config'].get('seed', '?')) for r in group)} | "
+            f"{', '.join(str(r['config']['seed']) for r in group)} | "
             f"{', '.join(_best_epoch(r) for r in group)} / {', '.join(map(str, steps))} | "
             f"{cell(0, 3)} | {cell(1, 2)} | {cell(2, 2)} | "
             f"{_mean_sd([s[0] for s in by_size], 2)} / {_mean_sd([s[1] for s in by_size], 2)} | "

@@ -8,9 +8,8 @@ read-only: copy it (shutil.copytree) before changing anything in it.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import importlib.util
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np

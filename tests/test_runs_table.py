@@ -25,7 +25,8 @@ def fake_run(folder: Path, *, epochs: int, dice: list[float], fpv: list[float], 
         "environment": {"git_commit": "abcdef0123456789"}}))
     (folder / "split.json").write_text(json.dumps({"train": [], "val": [], "test": cases}))
     (folder / "metrics.jsonl").write_text("".join(
-        json.dumps({"epoch": e, "step": 10 * e, "val_pseudo_dice": [0.1, 0.5, 0.3][e - 1]}) + "\n"
+        json.dumps({"epoch": e, "step": 10 * e, "val_pseudo_dice": [0.1, 0.5, 0.3][e - 1],
+                    "val_fpv_ml": 1.0}) + "\n"
         for e in (1, 2, 3)))
     cohort = {"metrics": {"dice": {"mean": sum(dice) / 3},
                           "fpv_ml_tumor_free": {"mean": sum(fpv) / 3}},
