@@ -152,6 +152,7 @@ class Config:
     min_component_suvmax: float = 0.0  # post-processing: drop components whose SUVmax is below
     tune_postprocess: bool = False  # choose threshold + the three post-processing settings on
     # the validation studies (pooled Dice over metrics.POSTPROCESS_GRID; saved in summary.json)
+    pp_thresholds: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # tune_postprocess: the threshold axis
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     save_overlays: bool = True
     # learning curves: after every validation also checkpoints/epoch_<k>.pt, the weights alone
@@ -315,6 +316,18 @@ def _check_range(key: str, value: Any) -> None:
         raise ConfigError(f"--{key}={value!r} is out of range: it must lie in {interval}")
 
 
+def check_pp_thresholds(values: Any, name: str) -> None:
+    """The threshold candidates of tune_postprocess: at least one, ascending, each in (0, 1)."""
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        values = []
+    if not values or any(not 0 < v < 1 for v in values) or \
+            any(b <= a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"{name}={values if values else '?'}: give ascending probability "
+                          f"thresholds in (0, 1), e.g. {name}=0.3,0.5,0.7,0.9")
+
+
 def _validate(cfg: Config) -> None:
     """Every value and combination that can be checked without building anything."""
     if cfg.preset not in PRESETS:
@@ -328,6 +341,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"--img_size={cfg.img_size} must be divisible by 16 (the ViT patch grid)")
     if len(cfg.ct_window) != 2 or cfg.ct_window[0] >= cfg.ct_window[1]:
         raise ConfigError(f"--ct_window={cfg.ct_window}: give (low, high) in HU with low < high")
+    check_pp_thresholds(cfg.pp_thresholds, "--pp_thresholds")
     if cfg.w_bce + cfg.w_tversky + cfg.w_dice == 0:
         raise ConfigError("--w_bce, --w_tversky and --w_dice are all 0: the lesion loss would be 0; "
                           "give at least one a positive weight")

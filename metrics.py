@@ -390,11 +390,16 @@ def counts_above(prob: np.ndarray, ref: np.ndarray,
 
 
 POSTPROCESS_GRID = {  # the candidates tune_postprocess tries on the validation studies
-    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),  # the default of config pp_thresholds
     "suv_floor": (0.0, 1.5, 2.5),
     "min_component_ml": (0.0, 0.1, 0.3),
     "min_component_suvmax": (0.0, 3.0, 4.0),
 }
+
+
+def postprocess_grid(thresholds: Sequence[float]) -> dict:
+    """POSTPROCESS_GRID with the threshold axis a run's config gives (`pp_thresholds`)."""
+    return {**POSTPROCESS_GRID, "threshold": tuple(float(t) for t in thresholds)}
 
 
 def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,

@@ -351,7 +351,8 @@ NEUTRAL_SETTINGS = ("seed", "out_dir", "run_name", "resume", "device", "num_work
 # settings that change nothing unless another one has one of the given values
 INERT_UNLESS = {"uptake_suv": ("aux_target", ("uptake",)),
                 "n_organ_classes": ("aux_target", ("organs",)),
-                "w_aux": ("aux_target", ("organs", "uptake"))}
+                "w_aux": ("aux_target", ("organs", "uptake")),
+                "pp_thresholds": ("tune_postprocess", (True,))}
 # unused when the run trained on a data_dir (without one, data_dir is None in every run)
 PHANTOM_SETTINGS = ("phantom_cases", "phantom_size", "phantom_seed")
 

@@ -3,6 +3,7 @@ and a report, for a finished run.
 
     python test.py --run_dir=runs/<name>                        # re-evaluate a run's test studies
     python test.py --run_dir=runs/<name> --checkpoint=last --tta=True
+    python test.py --run_dir=runs/<name> --pp_thresholds=0.3,0.5,0.7,0.9  # re-tune post-processing
     python test.py --run_dir=runs/<name> --data_dir=/data/other # every labelled study of another folder
     python test.py --run_dir=runs/<name> --predict_dir=/data/new --output_dir=/tmp/masks   # unlabelled
     python test.py --run_dir=runs/<name> --export_onnx=model.onnx   # + parity check with ONNX Runtime
@@ -55,8 +56,8 @@ from data.geometry import save_mask_nifti, spacing_from_affine
 from data.prepare import check_same_data, load_manifest
 from data.split import load_split
 from inference import predict_study
-from metrics import (POSTPROCESS_GRID, THRESHOLD_CANDIDATES, case_metrics, choose_postprocessing,
-                     counts_above, format_summary, postprocess_counts, postprocess_mask,
+from metrics import (THRESHOLD_CANDIDATES, case_metrics, choose_postprocessing,
+                     counts_above, format_summary, postprocess_counts, postprocess_grid, postprocess_mask,
                      summarise_cohort)
 from pictures import overlay_png
 
@@ -222,12 +223,21 @@ def folder_studies(run_dir: Path, cfg: config.Config, data_dir: str, allow_seen:
 
 
 def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dict],
-              threshold: Optional[float], device: Optional[torch.device | str]) -> dict:
+              threshold: Optional[float], device: Optional[torch.device | str],
+              pp_thresholds: Optional[Sequence[float]] = None) -> dict:
     post = {"min_component_ml": cfg.min_component_ml, "suv_floor": cfg.suv_floor,
             "min_component_suvmax": cfg.min_component_suvmax, **(postprocess or {})}
+    tune_postprocess = cfg.tune_postprocess and threshold is None and not postprocess
+    if pp_thresholds is not None and not tune_postprocess:
+        raise EvaluationError("--pp_thresholds is the threshold axis that tune_postprocess searches "
+                              "on the validation studies; this evaluation tunes nothing (the run "
+                              "has tune_postprocess=False, or --threshold / post-processing "
+                              "values were given)")
     return {"threshold": cfg.threshold if threshold is None else float(threshold),
             "tune_threshold": cfg.tune_threshold and threshold is None,
-            "tune_postprocess": cfg.tune_postprocess and threshold is None and not postprocess,
+            "tune_postprocess": tune_postprocess,
+            "pp_thresholds": [float(t) for t in (cfg.pp_thresholds if pp_thresholds is None
+                                                 else pp_thresholds)],
             "tta": cfg.tta if tta is None else bool(tta), "postprocess": post,
             "device": str(runtime.resolve_device(str(device or cfg.device)))}
 
@@ -243,6 +253,8 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
         parts.append("tta" if settings["tta"] else "notta")
     if settings["threshold"] != cfg.threshold or settings["tune_threshold"] != cfg.tune_threshold:
         parts.append(f"thr{settings['threshold']:g}")
+    if settings["tune_postprocess"] and settings["pp_thresholds"] != [float(t) for t in cfg.pp_thresholds]:
+        parts.append("ppthr" + "_".join(f"{t:g}" for t in settings["pp_thresholds"]))
     post = settings["postprocess"]
     if (post["suv_floor"], post["min_component_ml"], post["min_component_suvmax"]) != \
             (cfg.suv_floor, cfg.min_component_ml, cfg.min_component_suvmax) or \
@@ -305,7 +317,9 @@ def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settin
 def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
                       amp_dtype: Optional[torch.dtype]) -> tuple[float, dict]:
     """Threshold, suv_floor, min_component_ml and min_component_suvmax chosen together on the
-    validation studies: the highest pooled Dice over metrics.POSTPROCESS_GRID."""
+    validation studies: the highest pooled Dice over metrics.POSTPROCESS_GRID with the
+    threshold axis settings["pp_thresholds"] (config pp_thresholds unless overridden)."""
+    grid = postprocess_grid(settings["pp_thresholds"])
     studies = run_studies(run_dir, cfg, subset="val")
     counts = None
     for cached in studies:
@@ -313,14 +327,14 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
                                    device=torch.device(settings["device"]), amp_dtype=amp_dtype,
                                    tta=settings["tta"])
         suv, ref, _ = study_volumes(cached, cfg.suv_max)
-        study_counts = postprocess_counts(prob, ref, suv, scoring_grid(cached)[0])
+        study_counts = postprocess_counts(prob, ref, suv, scoring_grid(cached)[0], grid)
         counts = study_counts if counts is None else counts + study_counts
-    chosen, dice = choose_postprocessing(counts)
+    chosen, dice = choose_postprocessing(counts, grid)
     settings["postprocess"] = {k: chosen[k] for k in ("suv_floor", "min_component_ml",
                                                       "min_component_suvmax")}
     log.info("chosen on %d validation studies (pooled Dice %.3f): %s", len(studies), dice, chosen)
     return chosen["threshold"], {"chosen": chosen, "n_val_studies": len(studies),
-                                 "val_pooled_dice": dice, "grid": POSTPROCESS_GRID}
+                                 "val_pooled_dice": dice, "grid": grid}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,11 +410,13 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              checkpoint: str = "best", tta: Optional[bool] = None,
              postprocess: Optional[dict] = None, threshold: Optional[float] = None,
              device: Optional[torch.device | str] = None, allow_seen: bool = False,
+             pp_thresholds: Optional[Sequence[float]] = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
 
     Everything comes from `run_dir/config.json`; `tta`, `postprocess` ({"min_component_ml",
-    "suv_floor"}), `threshold` and `device` override it. Per study: probabilities
+    "suv_floor"}), `threshold`, `device` and `pp_thresholds` (the threshold candidates of a run
+    with tune_postprocess; its own variant folder, `eval-ppthr0.3_..._0.95`) override it. Per study: probabilities
     (inference.predict_study by the run's in-plane path, under the autocast dtype the run
     trained with) > threshold ->
     metrics (metrics.case_metrics) against the study's own mask on its own grid (a study cached
@@ -415,7 +431,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     if not run_dir.is_dir():
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
     cfg = config.load_config(run_dir / "config.json")
-    settings = _settings(cfg, tta, postprocess, threshold, device)
+    settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds)
     device = torch.device(settings["device"])
     name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
     seen: dict[str, str] = {}
@@ -625,7 +641,22 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--min_component_ml", type=float, default=None, help="post-processing")
     parser.add_argument("--min_component_suvmax", type=float, default=None, help="post-processing")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (config default)")
+    parser.add_argument("--pp_thresholds", default=None,
+                        help="threshold candidates of tune_postprocess, e.g. 0.3,0.5,0.7,0.9")
     args = parser.parse_args(argv)
+    if args.pp_thresholds is not None:
+        try:
+            values = [float(v) for v in args.pp_thresholds.strip("()[] ").split(",") if v.strip()]
+        except ValueError:
+            values = []
+        try:
+            config.check_pp_thresholds(values, "--pp_thresholds")
+        except config.ConfigError as error:
+            raise EvaluationError(str(error)) from None
+        if args.predict_dir is not None or args.export_onnx is not None:
+            raise EvaluationError("--pp_thresholds chooses post-processing for an evaluation of "
+                                  "labelled studies; --predict_dir and --export_onnx use the run's")
+        args.pp_thresholds = values
     if args.predict_dir is not None and args.data_dir is not None:
         raise EvaluationError("--predict_dir (masks for new studies) and --data_dir (evaluate a "
                               "labelled folder) do different things; give one of them")
@@ -657,7 +688,8 @@ def main(argv: Sequence[str]) -> None:
         written = predict_dir(args.run_dir, args.predict_dir, args.output_dir, **common)
         print(f"{len(written)} masks written to {args.output_dir}")
         return
-    summary = evaluate(args.run_dir, data_dir=args.data_dir, allow_seen=args.allow_seen, **common)
+    summary = evaluate(args.run_dir, data_dir=args.data_dir, allow_seen=args.allow_seen,
+                       pp_thresholds=args.pp_thresholds, **common)
     print(format_summary(summary))
     if "postprocessed" in summary:
         print("\nafter post-processing:\n" + format_summary(summary["postprocessed"]))

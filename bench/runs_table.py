@@ -69,6 +69,9 @@ def _load(folder: Path) -> dict:
     summary = json.loads((folder / "eval" / "summary.json").read_text())
     # which weights the evaluation scored (test.py --checkpoint): part of what a row is
     settings["checkpoint"] = summary.get("settings", {}).get("checkpoint", "best")
+    # and the threshold candidates it tuned post-processing over (test.py --pp_thresholds)
+    if "pp_thresholds" in summary.get("settings", {}):
+        settings["pp_thresholds"] = summary["settings"]["pp_thresholds"]
     with open(folder / "eval" / "per_case.csv", newline="") as f:
         cases = sorted(r["case_id"] for r in csv.DictReader(f))
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]

@@ -117,3 +117,11 @@ def test_unknown_key_on_the_command_line_exits_2_without_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--no_such_key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pp_thresholds_from_the_command_line_and_their_check():
+    assert parse_cli(["--pp_thresholds=0.3,0.5,0.9,0.95"]).pp_thresholds == (0.3, 0.5, 0.9, 0.95)
+    assert make_config({}).pp_thresholds == (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    for bad in ("(0.5,0.4)", "(0.5,1.0)", "(0.0,0.5)", "()"):
+        with pytest.raises(ConfigError, match="--pp_thresholds"):
+            parse_cli([f"--pp_thresholds={bad}"])

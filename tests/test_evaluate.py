@@ -415,3 +415,23 @@ def test_tune_postprocess_chooses_on_validation_and_applies_it(tiny_run_dir, toy
                                                   ("suv_floor", "min_component_ml",
                                                    "min_component_suvmax")}
     assert Path(summary["output_dir"]).name == "eval"  # the run's own setting
+    assert summary["settings"]["pp_thresholds"] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert list(summary["threshold_tuning"]["grid"]["threshold"]) == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    # other threshold candidates (test.py --pp_thresholds): the tuning searches those, in a
+    # folder of its own; the run's own evaluation is left as it was
+    before = (copy / "eval" / "summary.json").read_text()
+    other = evaluation.evaluate(copy, pp_thresholds=[0.93], progress=False)
+    assert Path(other["output_dir"]).name == "eval-ppthr0.93"
+    assert other["threshold_tuning"]["chosen"]["threshold"] == 0.93
+    assert other["settings"]["threshold"] == 0.93 and other["settings"]["pp_thresholds"] == [0.93]
+    assert list(other["threshold_tuning"]["grid"]["threshold"]) == [0.93]
+    assert (copy / "eval" / "summary.json").read_text() == before
+    # nothing to tune: refused before any work, naming the setting
+    with pytest.raises(evaluation.EvaluationError, match="--pp_thresholds"):
+        evaluation.evaluate(copy, pp_thresholds=[0.5], threshold=0.4, progress=False)
+
+
+@pytest.mark.parametrize("value", ["0.9,0.3", "0.5,1.2", "0.5,x", ""])
+def test_bad_pp_thresholds_are_refused_naming_the_option(value, tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="--pp_thresholds"):
+        evaluation._parse_args(["--run_dir", str(tmp_path), f"--pp_thresholds={value}"])

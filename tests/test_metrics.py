@@ -352,3 +352,11 @@ def test_counts_above_equals_thresholding_each_candidate():
     np.testing.assert_array_equal(metrics.counts_above(prob, ref, (0.5,)), expected[[9]])
     with pytest.raises(ValueError, match="ascending"):
         metrics.counts_above(prob, ref, (0.5, 0.3))
+
+
+def test_postprocess_grid_replaces_only_the_threshold_axis():
+    grid = metrics.postprocess_grid([0.5, 0.9])
+    assert grid["threshold"] == (0.5, 0.9)
+    assert {k: v for k, v in grid.items() if k != "threshold"} == \
+        {k: v for k, v in metrics.POSTPROCESS_GRID.items() if k != "threshold"}
+    assert metrics.POSTPROCESS_GRID["threshold"] == (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)

@@ -144,3 +144,23 @@ def test_the_last_weights_evaluation_is_its_own_row(tmp_path, rt):
     assert "| +0.200 [+0.200, +0.200]" in row and "| +3.000 [+3.000, +3.000]" in row
     with pytest.raises(rt.TableError, match="lacks eval-tta/summary.json"):
         rt.collect([runs / "ref"], tmp_path / "other", "eval-tta")
+
+
+def test_an_evaluation_over_other_pp_thresholds_is_its_own_row(tmp_path, rt):
+    """test.py --pp_thresholds tunes post-processing over other thresholds: the summary's
+    settings say so, and that evaluation is a row of its own beside the run's own one."""
+    ev = tmp_path / "evidence"
+    for name, thresholds, dice in (("ref", None, [0.2, 0.4, 0.6]),
+                                   ("ref.eval-ppthr", [0.3, 0.9], [0.3, 0.5, 0.7])):
+        fake_run(ev / name, epochs=3, dice=dice, fpv=[1.0, 2.0, 3.0])
+        path = ev / name / "config.json"
+        doc = json.loads(path.read_text())
+        doc["config"]["tune_postprocess"] = True
+        path.write_text(json.dumps(doc))
+        if thresholds:
+            summary = json.loads((ev / name / "eval" / "summary.json").read_text())
+            summary["settings"] = {"checkpoint": "best", "pp_thresholds": thresholds}
+            (ev / name / "eval" / "summary.json").write_text(json.dumps(summary))
+    lines = rt.table(ev, "ref").splitlines()
+    row = next(r for r in lines if r.startswith("| ref.eval-ppthr |"))
+    assert "| pp_thresholds=[0.3, 0.9] |" in row and "| +0.100 [+0.100, +0.100]" in row
