@@ -316,8 +316,9 @@ def _check_range(key: str, value: Any) -> None:
         raise ConfigError(f"--{key}={value!r} is out of range: it must lie in {interval}")
 
 
-def check_pp_thresholds(values: Any, name: str) -> None:
-    """The threshold candidates of tune_postprocess: at least one, ascending, each in (0, 1)."""
+def check_pp_thresholds(values: Any, name: str) -> list[float]:
+    """The threshold candidates of tune_postprocess: at least one, ascending, each in (0, 1);
+    returned as floats."""
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
@@ -326,6 +327,7 @@ def check_pp_thresholds(values: Any, name: str) -> None:
             any(b <= a for a, b in zip(values, values[1:])):
         raise ConfigError(f"{name}={values if values else '?'}: give ascending probability "
                           f"thresholds in (0, 1), e.g. {name}=0.3,0.5,0.7,0.9")
+    return values
 
 
 def _validate(cfg: Config) -> None:

@@ -645,18 +645,15 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="threshold candidates of tune_postprocess, e.g. 0.3,0.5,0.7,0.9")
     args = parser.parse_args(argv)
     if args.pp_thresholds is not None:
+        value = config.parse_value(args.pp_thresholds)  # as main.py reads --key=value
         try:
-            values = [float(v) for v in args.pp_thresholds.strip("()[] ").split(",") if v.strip()]
-        except ValueError:
-            values = []
-        try:
-            config.check_pp_thresholds(values, "--pp_thresholds")
+            args.pp_thresholds = config.check_pp_thresholds(
+                value if isinstance(value, (tuple, list)) else (value,), "--pp_thresholds")
         except config.ConfigError as error:
             raise EvaluationError(str(error)) from None
         if args.predict_dir is not None or args.export_onnx is not None:
             raise EvaluationError("--pp_thresholds chooses post-processing for an evaluation of "
                                   "labelled studies; --predict_dir and --export_onnx use the run's")
-        args.pp_thresholds = values
     if args.predict_dir is not None and args.data_dir is not None:
         raise EvaluationError("--predict_dir (masks for new studies) and --data_dir (evaluate a "
                               "labelled folder) do different things; give one of them")
