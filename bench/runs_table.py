@@ -102,8 +102,11 @@ def _settings(settings: dict) -> str:
 
 
 def _changes(settings: dict, reference: dict) -> str:
-    diff = [f"{k}={settings[k]}" for k in sweep.settings_fingerprint(settings)
-            if settings[k] != reference.get(k)]
+    # both as JSON values (tuples -> lists), as the fingerprint compares them: a default tuple
+    # read by load_config equals the same thresholds a summary.json recorded as a list
+    reference = json.loads(json.dumps(reference, default=str))
+    fingerprint = sweep.settings_fingerprint(settings)
+    diff = [f"{k}={settings[k]}" for k, value in fingerprint.items() if value != reference.get(k)]
     return ", ".join(diff) or "(the reference's settings)"
 
 

@@ -164,3 +164,20 @@ def test_an_evaluation_over_other_pp_thresholds_is_its_own_row(tmp_path, rt):
     lines = rt.table(ev, "ref").splitlines()
     row = next(r for r in lines if r.startswith("| ref.eval-ppthr |"))
     assert "| pp_thresholds=[0.3, 0.9] |" in row and "| +0.100 [+0.100, +0.100]" in row
+
+
+def test_the_default_pp_thresholds_recorded_by_a_summary_are_no_change(tmp_path, rt):
+    """A newer evaluation records the default thresholds in summary.json (a JSON list); the
+    reference predates that record and takes the default (a tuple): the same setting, so the
+    row lists only what really differs."""
+    ev = tmp_path / "evidence"
+    for name, epochs in (("ref", 3), ("new", 5)):
+        fake_run(ev / name, epochs=epochs, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0])
+        doc = json.loads((ev / name / "config.json").read_text())
+        doc["config"]["tune_postprocess"] = True
+        (ev / name / "config.json").write_text(json.dumps(doc))
+    summary = json.loads((ev / "new" / "eval" / "summary.json").read_text())
+    summary["settings"] = {"checkpoint": "best", "pp_thresholds": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}
+    (ev / "new" / "eval" / "summary.json").write_text(json.dumps(summary))
+    row = next(r for r in rt.table(ev, "ref").splitlines() if r.startswith("| new |"))
+    assert "| epochs=5 |" in row
