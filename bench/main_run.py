@@ -158,6 +158,14 @@ def compare(out: Path, ref: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_new_out(out: Path) -> None:
+    """A measured run's evidence is never overwritten: --out must be new or empty (rename or
+    move the earlier evidence first; --table_only re-renders an existing folder)."""
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out={out} already holds evidence ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
+                         f"...); give a new folder, or --table_only to re-render its table")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -174,10 +182,12 @@ def main() -> None:
                         help="also compare.md: this run paired against the evidence folder REF")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
+        check_new_out(out)
         if args.keep and Path(args.keep).exists():
             raise SystemExit(f"--keep={args.keep} exists; give a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
         run_main(out, extra, args.screenshot, args.keep)
     (out / "table.md").write_text(table(out))
     print((out / "table.md").read_text())

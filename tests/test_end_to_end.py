@@ -259,3 +259,17 @@ def test_export_onnx_of_a_tiny_run_matches_pytorch(tiny_run, tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 10_000
     diff = float(proc.stdout.split("test slices (ONNX Runtime, CPU): ")[1].split()[0])
     assert diff < 1e-4, proc.stdout
+
+
+def test_main_run_refuses_an_out_folder_that_holds_evidence(tmp_path):
+    """bench/main_run.py measures into a new folder: earlier evidence is never overwritten."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import main_run
+
+    main_run.check_new_out(tmp_path / "new")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    main_run.check_new_out(tmp_path / "empty")  # empty: fine
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds evidence \\(config.json"):
+        main_run.check_new_out(tmp_path / "old")
