@@ -182,12 +182,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # in 3 of 3 seeds of the levers grid (results/cpu2core/levers-quick).
     "cpu": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=14,
                 steps_per_epoch=100, lr=1.5e-3, tune_postprocess=True),
-    # The cpu recipe at lr 3e-3 trained ~2.9x longer (4,000 steps, warm-up 100), every epoch's weights kept
-    # for a learning curve (bench/learning_curve.py). Seed 0 with one thread, beside other runs
-    # (41 min): test Dice 0.556 raw / 0.533 post-processed, lesion recall 0.71 / 0.65, FPV
-    # 3.4 / 2.8 ml (results/cpu_long; seed 1: 0.487 / 0.473, results/cpu2core/levers-1400/
-    # long_plain_s1); the same length with the physiological-uptake head and
-    # a moving average of the weights had scored 0.473 / 0.447 (results/cpu_long_uptake_ema).
+    # The cpu recipe at lr 3e-3 trained ~2.9x longer (4,000 steps, warm-up 100), every epoch's
+    # weights kept for a learning curve (bench/learning_curve.py). Seed 0 with one thread, beside
+    # other runs (41 min): test Dice 0.556 raw / 0.533 post-processed, lesion recall 0.71 / 0.65,
+    # FPV 3.4 / 2.8 ml (results/cpu_long; seed 1: 0.487 / 0.473, results/cpu2core/levers-1400/
+    # long_plain_s1); the same length with the physiological-uptake head and a moving average
+    # of the weights had scored 0.473 / 0.447 (results/cpu_long_uptake_ema).
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=16,
                      steps_per_epoch=250, warmup_steps=100, tune_postprocess=True,
                      keep_epoch_checkpoints=True),

@@ -411,11 +411,16 @@ def machine(run_dir: Path) -> str:
         f"CPU ({env.get('cpu_count')} cores), torch {env.get('torch')}"
 
 
+def json_values(values: dict) -> dict:
+    """Settings as config.json holds them (tuples -> lists), so that two records compare equal."""
+    return json.loads(json.dumps(values, default=str))
+
+
 def settings_fingerprint(values: dict) -> dict:
     """What a run computes: its resolved config (config.json "config" read by
     config.load_config, so a key an older run lacks has today's default) without
     NEUTRAL_SETTINGS (and PHANTOM_SETTINGS when it trained on a data_dir), as JSON values."""
-    values = json.loads(json.dumps(values, default=str))  # tuples -> lists, as in config.json
+    values = json_values(values)
     drop = set(NEUTRAL_SETTINGS) | (set(PHANTOM_SETTINGS) if values.get("data_dir") else set())
     drop |= {key for key, (setting, active) in INERT_UNLESS.items()
              if values.get(setting) not in active}

@@ -186,8 +186,7 @@ def main() -> None:
         check_new_out(out)
         if args.keep and Path(args.keep).exists():
             raise SystemExit(f"--keep={args.keep} exists; give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
+        out.mkdir(parents=True, exist_ok=True)
         run_main(out, extra, args.screenshot, args.keep)
     (out / "table.md").write_text(table(out))
     print((out / "table.md").read_text())

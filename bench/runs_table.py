@@ -102,9 +102,9 @@ def _settings(settings: dict) -> str:
 
 
 def _changes(settings: dict, reference: dict) -> str:
-    # both as JSON values (tuples -> lists), as the fingerprint compares them: a default tuple
-    # read by load_config equals the same thresholds a summary.json recorded as a list
-    reference = json.loads(json.dumps(reference, default=str))
+    # both as JSON values, as the fingerprint compares them: a default tuple read by
+    # load_config equals the same thresholds a summary.json recorded as a list
+    reference = sweep.json_values(reference)
     fingerprint = sweep.settings_fingerprint(settings)
     diff = [f"{k}={settings[k]}" for k, value in fingerprint.items() if value != reference.get(k)]
     return ", ".join(diff) or "(the reference's settings)"
