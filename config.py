@@ -1,7 +1,7 @@
 """Every experiment setting in one frozen dataclass, presets, and the `--key=value` command line.
 
     python main.py                                  # preset `cpu`: phantom, small TransUNet, ~11 min
-    python main.py --preset=cpu_long                # the same 2.9x longer (~30-35 min)
+    python main.py --preset=cpu_long                # the same 5.7x longer (~60-75 min)
     python main.py --preset=paper --data_dir=/data/autoPET      # the published setting on a GPU
     python main.py --preset=tiny --out_dir=/tmp/runs            # seconds, for tests
     python main.py --epochs=3 --model=unet_resnet34 --lr=3e-4   # any field from the command line
@@ -182,13 +182,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # in 3 of 3 seeds of the levers grid (results/cpu2core/levers-quick).
     "cpu": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=14,
                 steps_per_epoch=100, lr=1.5e-3, tune_postprocess=True),
-    # The cpu recipe at lr 3e-3 trained ~2.9x longer (4,000 steps, warm-up 100), every epoch's
-    # weights kept for a learning curve (bench/learning_curve.py). Seed 0 with one thread, beside
-    # other runs (41 min): test Dice 0.556 raw / 0.533 post-processed, lesion recall 0.71 / 0.65,
-    # FPV 3.4 / 2.8 ml (results/cpu_long; seed 1: 0.487 / 0.473, results/cpu2core/levers-1400/
-    # long_plain_s1); the same length with the physiological-uptake head and a moving average
-    # of the weights had scored 0.473 / 0.447 (results/cpu_long_uptake_ema).
-    "cpu_long": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=16,
+    # The cpu recipe at lr 3e-3 trained ~5.7x longer (8,000 steps, warm-up 100), every epoch's
+    # weights kept for a learning curve (bench/learning_curve.py). Two seeds (one thread each,
+    # two runs side by side, 76 min): test Dice 0.535 / 0.577 raw, 0.537 / 0.579 post-processed,
+    # FPV 1.9 / 1.9 ml post-processed, lesion recall 0.74 / 0.69 (results/cpu2core/levers-1400/
+    # long32_s0, long32_s1); at 4,000 steps the same seeds had scored 0.556 / 0.487 raw,
+    # 0.533 / 0.473 post-processed, FPV 2.8 / 1.9 ml (results/cpu_long_4000, long_plain_s1).
+    # With the physiological-uptake head and a moving average of the weights, 4,000 steps had
+    # scored 0.473 / 0.447 (results/cpu_long_uptake_ema). results/cpu_long: this preset's run.
+    "cpu_long": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=32,
                      steps_per_epoch=250, warmup_steps=100, tune_postprocess=True,
                      keep_epoch_checkpoints=True),
     # The published setting: R50-ViT-B_16 at 224², official TransUNet recipe (SGD 0.01, momentum
