@@ -189,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # long32_s0, long32_s1); at 4,000 steps the same seeds had scored 0.556 / 0.487 raw,
     # 0.533 / 0.473 post-processed, FPV 2.8 / 1.9 ml (results/cpu_long_4000, long_plain_s1).
     # With the physiological-uptake head and a moving average of the weights, 4,000 steps had
-    # scored 0.473 / 0.447 (results/cpu_long_uptake_ema). results/cpu_long: this preset's run.
+    # scored 0.473 / 0.447 (results/cpu_long_uptake_ema).
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=32,
                      steps_per_epoch=250, warmup_steps=100, tune_postprocess=True,
                      keep_epoch_checkpoints=True),
