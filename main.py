@@ -110,6 +110,7 @@ def main(argv: list[str]) -> dict:
     if cfg.batch_size % world_size:
         raise config.ConfigError(f"--batch_size={cfg.batch_size} is the global batch and must be "
                                  f"divisible by the {world_size} processes")
+    runtime.resolve_amp(cfg.amp, device)  # --amp=fp16 / True on a CPU: refused before any work
     run_dir = resolve_run_dir(cfg)
     runtime.setup_logging(run_dir, rank=rank)
     runtime.seed_everything(cfg.seed, deterministic=cfg.deterministic)
