@@ -13,6 +13,7 @@ one measures side by side:
 | figure                                   | script              | what is compared            |
 |------------------------------------------|---------------------|-----------------------------|
 | model step time                          | bench_model.py      | TransUNet R50-ViT-B/16 vs smp Unet(resnet50), interleaved steps |
+| bf16 autocast speed-up                   | bench_precision.py  | transunet_small step and inference, float32 vs bf16, interleaved |
 | loader throughput vs model consumption   | bench_loader.py     | slices/s of the loader vs of a training step |
 | metric speed-up                          | bench_metrics.py    | MedPy hd95+assd on the full volume vs metrics.case_metrics (crop) |
 | preprocessing memory (optional)          | bench_preprocess.py | peak RSS for 5 vs 20 studies |
@@ -37,6 +38,10 @@ BENCH = Path(__file__).resolve().parent
 FIGURES = [
     ("model step: TransUNet R50-ViT-B/16 / smp Unet(resnet50)", "bench_model.py",
      (["--steps=3"], ["--steps=2"]), r"ratio TransUNet / Unet\(resnet50\): ours ([\d.]+)x"),
+    ("training step of transunet_small: float32 / bf16 autocast", "bench_precision.py",
+     ([], ["--steps=3"]), r"ratio float32/bf16 training step: ([\d.]+)x"),
+    ("inference of transunet_small: float32 / bf16 autocast", "bench_precision.py", None,
+     r"ratio float32/bf16 inference: ([\d.]+)x"),
     ("loader / model consumption, num_workers=0", "bench_loader.py",
      ([], ["--n_studies=4", "--batches=15", "--steps=3"]),
      r"ratio loader/model \(num_workers=0\):\s+([\d.]+)x"),

@@ -54,3 +54,17 @@ def test_speedup_suite_compile_path_on_cpu(bench_cuda, capsys):
     bench_cuda.main([*TINY, "--steps=1", "--warmup=1"])
     rows = _rows(capsys.readouterr().out)
     assert rows["torch.compile, fused AdamW"] > 0 and len(rows) == 3
+
+
+def test_precision_bench_prints_both_ratios(capsys):
+    """bench/bench_precision.py (the bf16 speed-up behind --amp=auto, bench/performance.py
+    reads its two ratio lines): both dtypes run, and the ratios are the medians' quotients."""
+    load_bench("bench_precision").main(["--steps=1", "--warmup=0", "--threads=1"])
+    out = capsys.readouterr().out
+    times = {m[1]: (float(m[2]), float(m[3])) for m in re.finditer(
+        r"^(float32|bf16)\s+training step\s+([\d.]+) s\s+inference of 32 slices\s+([\d.]+) s", out, re.M)}
+    assert set(times) == {"float32", "bf16"}, out
+    train = float(re.search(r"ratio float32/bf16 training step: ([\d.]+)x", out)[1])
+    infer = float(re.search(r"ratio float32/bf16 inference: ([\d.]+)x", out)[1])
+    assert train == pytest.approx(times["float32"][0] / times["bf16"][0], abs=0.02)
+    assert infer == pytest.approx(times["float32"][1] / times["bf16"][1], abs=0.02)

@@ -108,7 +108,8 @@ def test_a_bad_setting_exits_2_before_any_work(tmp_path):
 @pytest.mark.parametrize("arg", ["--model=nope", "--n_skip=7", "--loss_reduction=mean",
                                  "--val_every=0", "--eval_batch_size=0", "--threshold=1.5",
                                  "--lr=-1", "--w_dice=-1", "--model=unet_resnet34",
-                                 "--aux_target=liver"])
+                                 "--aux_target=liver", "--amp=half"]
+                         + ([] if torch.cuda.is_available() else ["--amp=fp16", "--amp=True"]))
 def test_bad_settings_stop_before_any_work(tmp_path, arg):
     """In-process (main.main), each of the settings that used to fail late or not at all."""
     import config

@@ -402,6 +402,62 @@ def test_runtime_device_seed_and_facts():
     assert facts["torch"] == torch.__version__ and facts["cpu_count"] >= 1 and "git_commit" in facts
 
 
+def test_resolve_amp_on_a_cpu(monkeypatch):
+    """auto: bf16 exactly when the CPU has bf16 in hardware; bf16 forced anywhere; fp16 and True
+    need CUDA; False is float32."""
+    from config import ConfigError
+    cpu = torch.device("cpu")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
+        assert runtime.resolve_amp("auto", cpu) is expected
+        assert runtime.resolve_amp("bf16", cpu) is torch.bfloat16
+        assert runtime.resolve_amp("False", cpu) is None and runtime.resolve_amp(False, cpu) is None
+        with pytest.raises(ConfigError, match="--amp=fp16 needs a CUDA device"):
+            runtime.resolve_amp("fp16", cpu)
+        with pytest.raises(ConfigError, match="--amp=True needs a CUDA device"):
+            runtime.resolve_amp("True", cpu)
+    with pytest.raises(ConfigError, match="choose auto"):
+        runtime.resolve_amp("half", cpu)
+    assert isinstance(runtime.cpu_has_native_bf16(), bool)
+    assert runtime.environment_facts()["cpu_native_bf16"] == runtime.cpu_has_native_bf16()
+
+
+class AutocastProbe(TinyNet):
+    """TinyNet that records the autocast dtype (or None) of every forward, by mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set] = {"train": set(), "eval": set()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on = torch.is_autocast_enabled("cpu")
+        self.seen["train" if self.training else "eval"].add(
+            torch.get_autocast_dtype("cpu") if on else None)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("False", None)])
+def test_training_and_validation_run_in_the_resolved_dtype(tmp_path, amp, dtype):
+    """--amp=bf16 on a CPU: every training step and every validation forward under bf16
+    autocast (the loss still in float32); --amp=False: none."""
+    model, seen_loss = AutocastProbe(), []
+
+    class DtypeLoss(PartsLoss):
+        def parts(self, logits, target):
+            seen_loss.append(logits.dtype)
+            return super().parts(logits, target)
+
+    torch.manual_seed(0)
+    training.train(model=model, loss_fn=DtypeLoss(), train_set=SliceSet(12),
+                   val_studies=[FakeStudy("a", True, 1)], run_dir=tmp_path / "r", device="cpu",
+                   settings=training.TrainSettings(epochs=1, steps_per_epoch=3, batch_size=4,
+                                                   img_size=S, eval_batch_size=4, amp=amp,
+                                                   lr=1e-2, weight_decay=1e-4),
+                   run_config={"ct_window": (-1000.0, 1000.0)})
+    assert model.seen == {"train": {dtype}, "eval": {dtype}}
+    assert seen_loss and set(seen_loss) == {torch.float32}
+
+
 def test_exit_on_user_error_prints_message_and_exits_2(capsys):
     with pytest.raises(SystemExit) as stop:
         with runtime.exit_on_user_error():
