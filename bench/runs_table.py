@@ -66,6 +66,7 @@ def _load(folder: Path) -> dict:
     # a later one of the same recipe are the same configuration
     settings = config.load_config(folder).to_dict()
     environment = json.loads((folder / "config.json").read_text()).get("environment", {})
+    settings["amp"] = cpu_precision(settings.get("amp"), environment)
     summary = json.loads((folder / "eval" / "summary.json").read_text())
     # which weights the evaluation scored (test.py --checkpoint): part of what a row is
     settings["checkpoint"] = summary.get("settings", {}).get("checkpoint", "best")
@@ -80,6 +81,16 @@ def _load(folder: Path) -> dict:
     return {"folder": folder, "lesions": lesions, "config": settings, "summary": summary,
             "commit": environment.get("git_commit") or "unknown", "cases": cases,
             "history": history}
+
+
+def cpu_precision(amp, environment: dict):
+    """The precision a CPU run computed in, for what makes a row: `amp="auto"` was float32 on
+    every CPU until runtime.resolve_amp took bf16 on a CPU with bf16 in hardware (recorded since
+    as environment.cpu_native_bf16), so "auto" becomes "bf16" or "False" by that record, and a
+    bf16 run is never one row with float32 runs. GPU runs and explicit settings are as recorded."""
+    if amp != "auto" or environment.get("gpus"):
+        return amp
+    return "bf16" if environment.get("cpu_native_bf16") else "False"
 
 
 def _figures(cohort: dict) -> tuple[float, float, float]:

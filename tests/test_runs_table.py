@@ -181,3 +181,24 @@ def test_the_default_pp_thresholds_recorded_by_a_summary_are_no_change(tmp_path,
     (ev / "new" / "eval" / "summary.json").write_text(json.dumps(summary))
     row = next(r for r in rt.table(ev, "ref").splitlines() if r.startswith("| new |"))
     assert "| epochs=5 |" in row
+
+
+def test_a_cpu_run_in_bf16_is_not_one_row_with_float32_runs(tmp_path, rt):
+    """amp="auto" on a CPU: float32 for runs that predate the record, bf16 where config.json
+    says the CPU had bf16 in hardware; the change column names it."""
+    ev = tmp_path / "evidence"
+    fake_run(ev / "fp32", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=0)
+    fake_run(ev / "fp32_s1", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=1)
+    fake_run(ev / "bf16", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0], seed=0)
+    for name, native in (("fp32_s1", False), ("bf16", True)):
+        path = ev / name / "config.json"
+        data = json.loads(path.read_text())
+        data["config"]["amp"] = "auto"
+        data["environment"]["cpu_native_bf16"] = native
+        path.write_text(json.dumps(data))
+    lines = rt.table(ev, "fp32").splitlines()
+    assert any(line.startswith("| fp32, fp32_s1 | reference | 0, 1 |") for line in lines)
+    row = next(line for line in lines if line.startswith("| bf16 |"))
+    assert "| amp=bf16 |" in row
+    assert rt.cpu_precision("auto", {"gpus": ["NVIDIA H200"], "cpu_native_bf16": True}) == "auto"
+    assert rt.cpu_precision("False", {"cpu_native_bf16": True}) == "False"
