@@ -80,8 +80,8 @@ def test_paper_preset_needs_weights_or_an_explicit_none(tmp_path):
     ("--momentum=1", "momentum"), ("--suv_max=0", "suv_max"), ("--phantom_size=huge", "phantom_size"),
     ("--tversky_gamma=0", "tversky_gamma"), ("--bce_pos_weight=-2", "bce_pos_weight"),
     ("--p_misalign=2", "p_misalign"), ("--aux_target=liver", "aux_target"),
-    ("--n_folds=1", "n_folds"), ("--n_val=-1", "n_val"), ("--warmup_steps=1400", "warmup_steps"),
-    ("--n_val=110", "n_val"), ("--ct_channel=1", "ct_channel"), ("--phantom_test_seed=0", "phantom_test_seed"),
+    ("--n_folds=1", "n_folds"), ("--n_val=-1", "n_val"), ("--warmup_steps=2200", "warmup_steps"),
+    ("--n_val=130", "n_val"), ("--ct_channel=1", "ct_channel"), ("--phantom_test_seed=0", "phantom_test_seed"),
 ])
 def test_bad_values_are_refused_naming_the_key(arg, key):
     with pytest.raises(ConfigError, match=f"--{key}"):
