@@ -460,6 +460,17 @@ def label_variants(rows: list[dict]) -> None:
                                     + "]" if differ else "")
 
 
+def computed_amp(amp, environment: dict):
+    """`amp` as the run computed it where the record alone would hide it: `amp="auto"` was
+    float32 on every CPU until runtime.resolve_amp took bf16 on a CPU with bf16 in hardware
+    (config.json environment.cpu_native_bf16 since), so a CPU run of "auto" with that record
+    is "bf16" and never shares a row with the float32 runs the grids were defined with. Any
+    other value (GPU runs, explicit settings, older CPU runs) stays as recorded."""
+    if amp == "auto" and not environment.get("gpus") and environment.get("cpu_native_bf16"):
+        return "bf16"
+    return amp
+
+
 def run_facts(run_dir: Path, cfg) -> dict:
     """Columns from the run's files beside its metrics: `commit` (config.json
     environment.git_commit as recorded, "+dirty" when the code had uncommitted changes,
@@ -469,7 +480,9 @@ def run_facts(run_dir: Path, cfg) -> dict:
     summary = run_dir / "eval" / "summary.json"
     evaluated = json.loads(summary.read_text()).get("environment", {}) if summary.exists() else {}
     split = run_dir / "split.json"
-    fingerprint = settings_fingerprint(cfg.to_dict())
+    environment = payload.get("environment", {})
+    fingerprint = settings_fingerprint({**cfg.to_dict(),
+                                        "amp": computed_amp(cfg.amp, environment)})
     return {"commit": payload.get("environment", {}).get("git_commit") or "unknown",
             "eval_commit": evaluated.get("git_commit") or "unknown",
             "n_train": len(json.loads(split.read_text())["train"]) if split.exists() else math.nan,

@@ -88,9 +88,8 @@ def cpu_precision(amp, environment: dict):
     every CPU until runtime.resolve_amp took bf16 on a CPU with bf16 in hardware (recorded since
     as environment.cpu_native_bf16), so "auto" becomes "bf16" or "False" by that record, and a
     bf16 run is never one row with float32 runs. GPU runs and explicit settings are as recorded."""
-    if amp != "auto" or environment.get("gpus"):
-        return amp
-    return "bf16" if environment.get("cpu_native_bf16") else "False"
+    amp = sweep.computed_amp(amp, environment)
+    return "False" if amp == "auto" and not environment.get("gpus") else amp
 
 
 def _figures(cohort: dict) -> tuple[float, float, float]:

@@ -343,3 +343,24 @@ def test_a_grid_with_a_budget_it_cannot_use_is_refused_before_any_run(tmp_path):
     with pytest.raises(config.ConfigError, match=r"(?s)phantom_50 \(seed 0\).*quick, long, smoke"):
         sweep.main(["--grid=data_size", "--budget=cpu", f"--runs_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bf16_cpu_run_never_shares_a_row_with_float32_runs(tmp_path):
+    """amp="auto" is float32 on a CPU without bf16 in hardware (and was on every CPU before the
+    record existed) but bf16 where config.json records cpu_native_bf16: the fingerprint says
+    so, and GPU runs stay as recorded (their machine column separates them)."""
+    cfg = config.make_config({"preset": "tiny"})
+    environments = {"fp32": {"gpus": [], "cpu_native_bf16": False}, "old": {"gpus": []},
+                    "bf16": {"gpus": [], "cpu_native_bf16": True},
+                    "gpu": {"gpus": ["NVIDIA H200"], "cpu_native_bf16": True}}
+    facts = {}
+    for name, environment in environments.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(
+            json.dumps({"config": cfg.to_dict(), "environment": environment}))
+        facts[name] = sweep.run_facts(tmp_path / name, cfg)
+    ids = {name: f["settings_id"] for name, f in facts.items()}
+    assert ids["fp32"] == ids["old"] == ids["gpu"] != ids["bf16"]
+    assert facts["bf16"]["_fingerprint"]["amp"] == "bf16" and facts["fp32"]["_fingerprint"]["amp"] == "auto"
+    explicit = config.make_config({"preset": "tiny", "amp": "False"})
+    assert sweep.computed_amp(explicit.amp, environments["bf16"]) == "False"
