@@ -130,14 +130,17 @@ def table(out: Path) -> str:
 
 def compare(out: Path, ref: Path) -> str:
     """compare.md: the run in `out` (a) against the run in `ref` (b), paired over their test
-    studies by sweep.compare_runs (one seed each); both folders hold main_run evidence."""
+    studies by sweep.compare_runs (one seed each); both folders hold main_run evidence or
+    bench/runs_table.py evidence (the same files without timing.json)."""
     sys.path.insert(0, str(ROOT))
     import sweep
 
     if sweep.run_test_studies(out) != sweep.run_test_studies(ref):
         raise SystemExit(f"--compare={ref}: its test studies differ from {out}'s "
                          "(split.json); only runs scored on the same studies are paired")
-    names = [json.loads((d / "timing.json").read_text())["command"].strip() for d in (out, ref)]
+    # main_run evidence names its command (timing.json); runs_table evidence (no timing) its run
+    names = [json.loads((d / "timing.json").read_text())["command"].strip()
+             if (d / "timing.json").exists() else f"run {d.name}" for d in (out, ref)]
     both_pp = all("postprocessed" in json.loads((d / "eval" / "summary.json").read_text())
                   for d in (out, ref))
     lines = [f"a = `{names[0]}` ({out.name}), b = `{names[1]}` ({ref.name}); paired over the "
