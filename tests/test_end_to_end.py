@@ -245,6 +245,9 @@ def test_main_run_compare_pairs_two_runs_on_their_test_studies(tiny_run, tmp_pat
     assert f"({len(tumour)})" in dice and "| +0.100 [+0.100, +0.100] |" in dice, text
     fpv = next(line for line in text.splitlines() if line.startswith("| raw | FPV"))
     assert "| +0.000 [+0.000, +0.000] | 1 | no difference |" in fpv, text
+    # a runs_table evidence folder (no timing.json) is named by its folder, not a traceback
+    (b / "timing.json").unlink()
+    assert text.replace("`python main.py --b`", "`run b`") == main_run.compare(a, b)
     split = json.loads((b / "split.json").read_text())
     split["test"] = split["test"][1:]
     (b / "split.json").write_text(json.dumps(split))
