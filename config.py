@@ -1,7 +1,7 @@
 """Every experiment setting in one frozen dataclass, presets, and the `--key=value` command line.
 
     python main.py                                  # preset `cpu`: phantom, small TransUNet, ~11 min
-    python main.py --preset=cpu_long                # the same 5.7x longer (~60-75 min)
+    python main.py --preset=cpu_long                # ~7x longer in bf16 (~70-85 min)
     python main.py --preset=paper --data_dir=/data/autoPET      # the published setting on a GPU
     python main.py --preset=tiny --out_dir=/tmp/runs            # seconds, for tests
     python main.py --epochs=3 --model=unet_resnet34 --lr=3e-4   # any field from the command line
@@ -193,18 +193,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (results/cpu2core/levers-quick).
     "cpu": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=22,
                 steps_per_epoch=100, val_every=2, lr=1.5e-3, tune_postprocess=True),
-    # The cpu recipe at lr 3e-3 trained ~5.7x longer (8,000 steps, warm-up 100), every epoch's
-    # weights kept for a learning curve (bench/learning_curve.py). Two seeds (one thread each,
-    # two runs side by side, 76 min): test Dice 0.535 / 0.577 raw, 0.537 / 0.579 post-processed,
-    # FPV 1.9 / 1.9 ml post-processed, lesion recall 0.74 / 0.69 (results/cpu2core/levers-1400/
-    # long32_s0, long32_s1); at 4,000 steps the same seeds had scored 0.556 / 0.487 raw,
-    # 0.533 / 0.473 post-processed, FPV 2.8 / 1.9 ml (results/cpu_long_4000, long_plain_s1).
+    # The cpu recipe at lr 3e-3 trained ~7x longer: 16,000 steps (64 epochs of 250, warm-up
+    # 100), bf16 autocast where the CPU has bf16 in hardware, 100 training + 30 validation
+    # studies validated every second epoch, every validated epoch's weights kept for a learning
+    # curve (bench/learning_curve.py). Two seeds, each from an empty cache alone on 2 cores
+    # (bench/main_run.py): 83.0 and 66.8 min in all, test Dice 0.618 / 0.630 raw, 0.594 / 0.609
+    # post-processed, FPV 2.3 / 1.9 ml post-processed, lesion recall 0.66 / 0.60
+    # (results/cpu_long_bf16, results/cpu_long_bf16_s1). Against the 8,000-step float32 recipe
+    # it replaced (lr 3e-3, 10 validation studies; 0.535 / 0.577 raw, 0.537 / 0.579
+    # post-processed, 76 min each with one thread beside the other): higher in both seeds, paired
+    # +0.044 [-0.009, +0.107] post-processed, p 0.56, FPV +0.25 ml, p 0.86 (results/cpu2core/
+    # levers-1400/table_vs_long32.md, long64 against long32). Below the phantom oracle's 0.664.
     # With the physiological-uptake head and a moving average of the weights, 4,000 steps had
     # scored 0.473 / 0.447 (results/cpu_long_uptake_ema).
-    # float32 (amp=False): its evidence was trained in float32; bf16 not measured at this length.
-    "cpu_long": dict(phantom_test_seed=1, phantom_cases=110, n_test=50, epochs=32,
-                     steps_per_epoch=250, warmup_steps=100, tune_postprocess=True,
-                     keep_epoch_checkpoints=True, amp="False"),
+    "cpu_long": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=64,
+                     steps_per_epoch=250, warmup_steps=100, val_every=2, tune_postprocess=True,
+                     keep_epoch_checkpoints=True),
     # The published setting: R50-ViT-B_16 at 224², official TransUNet recipe (SGD 0.01, momentum
     # 0.9, weight decay 1e-4, poly 0.9 per iteration, batch 24, ~14k iterations) and the published
     # loss weights with the published focal-Tversky formula and -log Dice. CUDA + AMP.

@@ -62,6 +62,25 @@ def test_every_preset_builds():
         assert make_config({"preset": name, **extra}).preset == name
 
 
+# where each run wrote and which seed it drew: everything else is the recipe
+_NOT_RECIPE = {"out_dir", "run_name", "cache_dir", "seed"}
+
+
+@pytest.mark.parametrize("preset, evidence", [
+    ("cpu", "results/main_cpu"),
+    ("cpu_long", "results/cpu_long_bf16"),
+    ("cpu_long", "results/cpu_long_bf16_s1"),
+])
+def test_a_preset_is_the_recipe_of_the_evidence_its_comment_cites(preset, evidence):
+    """The README and the preset's comment quote these runs' figures for the preset: a preset
+    edited since would quote another recipe's numbers."""
+    ran = load_config(ROOT / evidence / "config.json").to_dict()
+    now = parse_cli([f"--preset={preset}"]).to_dict()
+    differ = {key: (ran[key], now[key]) for key in now
+              if key not in _NOT_RECIPE and ran[key] != now[key]}
+    assert ran["preset"] == preset and differ == {}
+
+
 def test_paper_preset_needs_weights_or_an_explicit_none(tmp_path):
     with pytest.raises(ConfigError, match="--pretrained=none"):
         parse_cli(["--preset=paper"])
