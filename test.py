@@ -7,6 +7,7 @@ and a report, for a finished run.
     python test.py --run_dir=runs/<name> --data_dir=/data/other # every labelled study of another folder
     python test.py --run_dir=runs/<name> --predict_dir=/data/new --output_dir=/tmp/masks   # unlabelled
     python test.py --run_dir=runs/<name> --export_onnx=model.onnx   # + parity check with ONNX Runtime
+    python test.py --run_dir=copied/<name> --cache_dir=cache   # prepare the studies in ./cache
 
 The same commands run on a GPU (the run's config.json says which device; `auto` picks CUDA).
 Everything is rebuilt from `runs/<name>/config.json`, never from this file's defaults.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -406,17 +408,30 @@ def _publish(tmp: Path, final: Path) -> tuple[Path, str]:
     return final.with_name(f"{final.name}-{k}"), "differs"
 
 
+def run_config(run_dir: Path, cache_dir: str | os.PathLike | None = None) -> config.Config:
+    """The run's config.json; with `cache_dir`, studies are prepared (the phantom regenerated,
+    files cached) in that folder instead of the one the run recorded: a run copied from another
+    machine, or kept from `bench/main_run.py`, whose temporary cache is gone. The data stays
+    checked against cases.json's content hashes, so another folder cannot change what is scored."""
+    cfg = config.load_config(run_dir / "config.json")
+    if cache_dir is None:
+        return cfg
+    return dataclasses.replace(cfg, cache_dir=str(Path(cache_dir).absolute()))
+
+
 def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              checkpoint: str = "best", tta: Optional[bool] = None,
              postprocess: Optional[dict] = None, threshold: Optional[float] = None,
              device: Optional[torch.device | str] = None, allow_seen: bool = False,
              pp_thresholds: Optional[Sequence[float]] = None,
+             cache_dir: str | os.PathLike | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
 
     Everything comes from `run_dir/config.json`; `tta`, `postprocess` ({"min_component_ml",
     "suv_floor"}), `threshold`, `device` and `pp_thresholds` (the threshold candidates of a run
-    with tune_postprocess; its own variant folder, `eval-ppthr0.3_..._0.95`) override it. Per study: probabilities
+    with tune_postprocess; its own variant folder, `eval-ppthr0.3_..._0.95`) override it;
+    `cache_dir` only moves where the studies are prepared (`run_config`), not what is scored. Per study: probabilities
     (inference.predict_study by the run's in-plane path, under the autocast dtype the run
     trained with) > threshold ->
     metrics (metrics.case_metrics) against the study's own mask on its own grid (a study cached
@@ -430,7 +445,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
-    cfg = config.load_config(run_dir / "config.json")
+    cfg = run_config(run_dir, cache_dir)
     settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds)
     device = torch.device(settings["device"])
     name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
@@ -514,7 +529,7 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
                 output_dir: str | os.PathLike, *, checkpoint: str = "best",
                 tta: Optional[bool] = None, postprocess: Optional[dict] = None,
                 threshold: Optional[float] = None, device: Optional[torch.device | str] = None,
-                progress: bool = True) -> list[Path]:
+                cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
     """Masks for every study of `input_dir` (labelled or not) as `<output_dir>/<case_id>.nii.gz`
     (uint8, the study's own affine and shape, also when the run's cache resamples with
     target_spacing). Threshold, TTA, in-plane path and post-processing as in `evaluate`.
@@ -526,7 +541,7 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
     if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
         raise EvaluationError(f"--output_dir={output_dir} lies inside --predict_dir={input_dir}; "
                               f"input folders are never written, choose another folder")
-    cfg = config.load_config(run_dir / "config.json")
+    cfg = run_config(run_dir, cache_dir)
     settings = _settings(cfg, tta, postprocess, threshold, device)
     device = torch.device(settings["device"])
     post = settings["postprocess"]
@@ -561,14 +576,15 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
 
 
 def export_run_onnx(run_dir: str | os.PathLike, path: str | os.PathLike, *,
-                    checkpoint: str = "best", n_check_slices: int = 16) -> tuple[Path, float]:
+                    checkpoint: str = "best", n_check_slices: int = 16,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[Path, float]:
     """Export the run's model (eval mode: lesion logits, dynamic batch) to ONNX, then run the
     file with ONNX Runtime on slices of the run's test studies and return the largest absolute
     logit difference to PyTorch. Returns (path, max |difference|)."""
     import export
 
     run_dir = Path(run_dir)
-    cfg = config.load_config(run_dir / "config.json")
+    cfg = run_config(run_dir, cache_dir)
     model = load_run_model(run_dir, cfg, checkpoint, torch.device("cpu")).eval()
     written = export.export_onnx(model, path, in_channels=cfg.in_channels, img_size=cfg.img_size)
     inputs = _test_slices(run_dir, cfg, n_check_slices)
@@ -641,6 +657,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--min_component_ml", type=float, default=None, help="post-processing")
     parser.add_argument("--min_component_suvmax", type=float, default=None, help="post-processing")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (config default)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="prepare the studies here instead of the run's recorded cache_dir "
+                             "(a copied run, or one kept by bench/main_run.py)")
     parser.add_argument("--pp_thresholds", default=None,
                         help="threshold candidates of tune_postprocess, e.g. 0.3,0.5,0.7,0.9")
     args = parser.parse_args(argv)
@@ -675,9 +694,10 @@ def main(argv: Sequence[str]) -> None:
     post = {k: getattr(args, k) for k in ("suv_floor", "min_component_ml", "min_component_suvmax")
             if getattr(args, k) is not None} or None
     common = dict(checkpoint=args.checkpoint, tta=args.tta, postprocess=post,
-                  threshold=args.threshold, device=args.device)
+                  threshold=args.threshold, device=args.device, cache_dir=args.cache_dir)
     if args.export_onnx is not None:
-        path, diff = export_run_onnx(args.run_dir, args.export_onnx, checkpoint=args.checkpoint)
+        path, diff = export_run_onnx(args.run_dir, args.export_onnx, checkpoint=args.checkpoint,
+                                     cache_dir=args.cache_dir)
         print(f"ONNX model written to {path}; max |logit difference| to PyTorch on the run's "
               f"test slices (ONNX Runtime, CPU): {diff:.3g}")
         return

@@ -56,7 +56,8 @@ def _nan(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def evaluate_epoch(run_dir: Path, epoch: int, device: str | None = None) -> dict:
+def evaluate_epoch(run_dir: Path, epoch: int, device: str | None = None,
+                   cache_dir: str | None = None) -> dict:
     """The test figures of checkpoint epoch_<epoch>: its eval-epoch_<epoch>/summary.json when
     there, else test.evaluate (which writes that folder)."""
     summary_path = run_dir / f"eval-epoch_{epoch}" / "summary.json"
@@ -66,18 +67,20 @@ def evaluate_epoch(run_dir: Path, epoch: int, device: str | None = None) -> dict
         import test  # torch, models, MedPy: only when something is evaluated
 
         summary = test.evaluate(run_dir, checkpoint=f"epoch_{epoch}", device=device,
-                                progress=False)
+                                cache_dir=cache_dir, progress=False)
     cohort = summary.get("postprocessed", summary)
     return {"test_dice": _nan(cohort["metrics"]["dice"]["mean"]),
             "test_fpv_ml_tumor_free": _nan(cohort["metrics"]["fpv_ml_tumor_free"]["mean"]),
             "lesion_recall": _nan(cohort["lesions"]["recall"])}
 
 
-def learning_curve(run_dir: str | Path, device: str | None = None, every: int = 1) -> list[dict]:
+def learning_curve(run_dir: str | Path, device: str | None = None, every: int = 1,
+                   cache_dir: str | None = None) -> list[dict]:
     """One row (COLUMNS) per epoch checkpoint of the run: the validation figures logged for
     that epoch (metrics.jsonl; NaN when it was not validated) and the test figures. every=N
     evaluates every N-th epoch checkpoint and the last one (the others keep their validation
-    figures, test columns NaN)."""
+    figures, test columns NaN). `cache_dir`: where the test studies are prepared instead of the
+    run's recorded cache folder (test.run_config)."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise CurveError(f"{run_dir}/metrics.jsonl not found; pass --run_dir=runs/<name>")
@@ -88,7 +91,8 @@ def learning_curve(run_dir: str | Path, device: str | None = None, every: int = 
     rows, epochs = [], epoch_checkpoints(run_dir)
     for epoch in epochs:
         record = logged.get(epoch, {})
-        test = (evaluate_epoch(run_dir, epoch, device) if epoch % every == 0 or epoch == epochs[-1]
+        test = (evaluate_epoch(run_dir, epoch, device, cache_dir)
+                if epoch % every == 0 or epoch == epochs[-1]
                 else dict.fromkeys(COLUMNS[4:], math.nan))
         rows.append({"epoch": epoch, "step": record.get("step", math.nan),
                      "val_pseudo_dice": _nan(record.get("val_pseudo_dice")),
@@ -133,8 +137,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--every", type=int, default=1,
                         help="evaluate every N-th epoch checkpoint (and the last) on the test "
                              "studies")
+    parser.add_argument("--cache_dir", default=None,
+                        help="prepare the test studies here instead of the run's recorded "
+                             "cache_dir (a run kept by bench/main_run.py, whose cache is gone)")
     args = parser.parse_args(argv)
-    rows = learning_curve(args.run_dir, args.device, args.every)
+    rows = learning_curve(args.run_dir, args.device, args.every, args.cache_dir)
     write_curve(rows, Path(args.out), f"learning curve of {Path(args.run_dir).name}")
     print(f"{len(rows)} epochs: {Path(args.out) / 'learning_curve.csv'}, learning_curve.png")
 

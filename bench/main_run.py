@@ -69,7 +69,9 @@ def run_main(out: Path, extra: list[str], screenshot: str | None = None,
         print(f"screenshot of {run_dir / 'eval' / 'report.html'}: {screenshot}")
     if keep:  # the whole run directory (weights included), e.g. for bench/learning_curve.py
         shutil.move(str(run_dir), keep)
-        print(f"run directory kept: {keep}")
+        print(f"run directory kept: {keep} (its cache folder was temporary and is removed: "
+              "give test.py and bench/learning_curve.py --cache_dir=cache, or any folder, "
+              "to prepare its studies again)")
     shutil.rmtree(work, ignore_errors=True)
 
 

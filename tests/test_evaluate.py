@@ -440,3 +440,26 @@ def test_tune_postprocess_chooses_on_validation_and_applies_it(tiny_run_dir, toy
 def test_bad_pp_thresholds_are_refused_naming_the_option(value, tmp_path):
     with pytest.raises(evaluation.EvaluationError, match="--pp_thresholds"):
         evaluation._parse_args(["--run_dir", str(tmp_path), f"--pp_thresholds={value}"])
+
+
+def test_cache_dir_prepares_the_studies_elsewhere_and_scores_the_same(tiny_run_dir, toy_models,
+                                                                      tmp_path):
+    """A run whose recorded cache is gone or elsewhere (copied from another machine, kept by
+    bench/main_run.py): --cache_dir rebuilds its studies in the folder given, checked against
+    cases.json, and the evaluation is the one the recorded cache gives."""
+    import shutil
+
+    run_dir, base = tiny_run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval*"))
+    recorded_cache = sorted((p, p.stat().st_mtime_ns) for p in (base / "cache").rglob("*"))
+    elsewhere = tmp_path / "elsewhere"
+    moved = evaluation.evaluate(copy, cache_dir=elsewhere, progress=False)
+    assert moved["status"] == "new"
+    assert sorted(p.name for p in elsewhere.rglob("image.npy"))  # the studies were cached here
+    assert sorted((p, p.stat().st_mtime_ns) for p in (base / "cache").rglob("*")) == recorded_cache
+    # the recorded cache gives the same numbers: the same folder, reproduced
+    again = evaluation.evaluate(copy, progress=False)
+    assert again["status"] == "reproduced" and again["output_dir"] == moved["output_dir"]
+    # and from the command line
+    assert evaluation._parse_args(["--run_dir=r", "--cache_dir=c"]).cache_dir == "c"

@@ -51,3 +51,21 @@ def test_a_run_without_epoch_checkpoints_is_a_clear_error(tmp_path, curve_module
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(curve_module.CurveError, match="keep_epoch_checkpoints=True"):
         curve_module.learning_curve(tmp_path)
+
+
+def test_a_run_whose_cache_is_gone_is_curved_from_the_cache_dir_given(tmp_path, curve_module):
+    """bench/main_run.py --keep keeps a run whose temporary cache it removes: --cache_dir
+    prepares its test studies in the folder given, not again at the removed path."""
+    import shutil
+
+    run_dir = train_tiny_run(tmp_path, "kept")
+    shutil.rmtree(tmp_path / "cache")
+    curve_module.main([f"--run_dir={run_dir}", f"--out={tmp_path / 'curve'}",
+                       f"--cache_dir={tmp_path / 'other'}"])
+    assert not (tmp_path / "cache").exists()
+    assert list((tmp_path / "other").rglob("image.npy"))
+    with open(tmp_path / "curve" / "learning_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
+    assert float(rows[best - 1]["test_dice"]) == pytest.approx(summary["metrics"]["dice"]["mean"])
