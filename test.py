@@ -431,14 +431,13 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     Everything comes from `run_dir/config.json`; `tta`, `postprocess` ({"min_component_ml",
     "suv_floor"}), `threshold`, `device` and `pp_thresholds` (the threshold candidates of a run
     with tune_postprocess; its own variant folder, `eval-ppthr0.3_..._0.95`) override it;
-    `cache_dir` only moves where the studies are prepared (`run_config`), not what is scored. Per study: probabilities
-    (inference.predict_study by the run's in-plane path, under the autocast dtype the run
-    trained with) > threshold ->
-    metrics (metrics.case_metrics) against the study's own mask on its own grid (a study cached
-    with target_spacing: the probabilities mapped back, `study_probabilities`) and PET quantities
-    (quantification.study_columns) on its unclipped SUV; with post-processing configured, the
-    post-processed mask is scored too (columns `pp_*`, summary "postprocessed") and is the one
-    written. The folder (see the module docstring) gets per_case.csv, lesions.csv,
+    `cache_dir` only moves where the studies are prepared (`run_config`), not what is scored.
+    Per study: probabilities (inference.predict_study by the run's in-plane path, under the
+    autocast dtype the run trained with) > threshold -> metrics (metrics.case_metrics) against
+    the study's own mask on its own grid (a study cached with target_spacing: the probabilities
+    mapped back, `study_probabilities`) and PET quantities (quantification.study_columns) on its
+    unclipped SUV; with post-processing configured, the post-processed mask is scored too
+    (columns `pp_*`, summary "postprocessed") and is the one written. The folder (see the module docstring) gets per_case.csv, lesions.csv,
     summary.json, predictions/, overlays/, the agreement plots and report.html. Returns the
     summary, with "output_dir" and "status" (new / reproduced / differs).
     """
