@@ -3,6 +3,7 @@
     save_checkpoint(state, run_dir / "checkpoints" / "last.pt")    # temporary file + rename
     state = load_checkpoint(path)                                   # weights_only=True, on the CPU
     load_weights(model, path)                                       # for evaluation / prediction
+    load_weights(model, paths)                                      # the mean of several (SWA)
 
 A checkpoint holds the model / optimizer / scheduler / GradScaler states, the position in the
 run (epoch, step, step in the epoch, the running loss sums of a partial epoch), the history of
@@ -78,16 +79,64 @@ def load_checkpoint(path: str | Path) -> dict:
                             "it is damaged or not a checkpoint of this project") from None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+def averaged_epochs(folder: str | Path, average_from: float, epochs: int,
+                    steps_per_epoch: int) -> list[Path]:
+    """The `epoch_<k>.pt` files of `folder` (written after each validation with
+    keep_epoch_checkpoints) whose weights were saved after the first `average_from` fraction of
+    the run's epochs x steps_per_epoch steps, in epoch order: what an averaged checkpoint is the
+    mean of. The run must have finished (its last epoch is always validated, so epoch_<epochs>.pt
+    exists); anything else is a CheckpointError that says what to do."""
+    folder = Path(folder)
+    found = {}
+    for path in folder.glob("epoch_*.pt"):
+        suffix = path.stem.removeprefix("epoch_")
+        if suffix.isdigit():
+            found[int(suffix)] = path
+    if epochs not in found:
+        raise CheckpointError(
+            f"{folder} has no epoch_{epochs}.pt: an averaged checkpoint needs the weights kept "
+            "after every validation (--keep_epoch_checkpoints=True) of a finished run; "
+            + ("train with that setting" if not found else "resume the run to its end first"))
+    first = average_from * epochs * steps_per_epoch
+    return [found[k] for k in sorted(found) if k * steps_per_epoch > first]
+
+
+def average_weights(paths: list[Path]) -> dict:
+    """{"model": ..., ["ema_model": ...]}: the element-wise mean of the weights of the `paths`
+    (stochastic weight averaging of checkpoints, Izmailov et al., UAI 2018), accumulated in
+    float64 and stored in each tensor's own dtype. BatchNorm running statistics are averaged like
+    the weights; integer buffers (num_batches_tracked) are taken from the last file."""
+    if not paths:
+        raise CheckpointError("no checkpoint to average")
+    sums: dict[str, dict] = {}
+    last: dict = {}
+    for path in paths:
+        last = load_checkpoint(path)
+        for key in ("model", "ema_model"):
+            if key not in last:
+                continue
+            total = sums.setdefault(key, {})
+            for name, value in last[key].items():
+                if value.is_floating_point():
+                    total[name] = total.get(name, 0) + value.double()
+    return {key: {name: (total[name] / len(paths)).to(value.dtype) if value.is_floating_point()
+                  else value for name, value in last[key].items()}
+            for key, total in sums.items()}
+
+
+def load_weights(model: torch.nn.Module, path: str | Path | list) -> torch.nn.Module:
     """Load the weights a checkpoint is evaluated with into `model`: the moving average of the
     weights when the run kept one (ema_decay > 0), else the model itself (DDP / torch.compile
-    prefixes removed). A missing file, a damaged file or weights of another model is a
-    CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; train first (python main.py) or pick "
-                              f"--checkpoint=best|last that exists in {path.parent}")
-    ckpt = load_checkpoint(path)
+    prefixes removed). A list of paths loads their mean (`average_weights`). A missing file, a
+    damaged file or weights of another model is a CheckpointError."""
+    if isinstance(path, list):
+        ckpt, path = average_weights(path), Path(path[-1]).parent
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found; train first (python main.py) or pick "
+                                  f"--checkpoint=best|last that exists in {path.parent}")
+        ckpt = load_checkpoint(path)
     state = ckpt.get("ema_model", ckpt["model"])
     # DDP / torch.compile wrappers prefix the parameter names
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}

@@ -161,6 +161,11 @@ class Config:
     # learning curves: after every validation also checkpoints/epoch_<k>.pt, the weights alone
     # (bench/learning_curve.py evaluates each on the test studies)
     keep_epoch_checkpoints: bool = False
+    # > 0: the run is evaluated with the mean of the weights kept after the validations that fall
+    # after this fraction of its steps (0.75: the last quarter), not the best checkpoint:
+    # checkpoint averaging / SWA (Izmailov et al. 2018; docs/training.md, "Averaged weights").
+    # Needs keep_epoch_checkpoints. test.py --checkpoint=best evaluates the best one instead.
+    average_from: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,7 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # scored 0.473 / 0.447 (results/cpu_long_uptake_ema).
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=64,
                      steps_per_epoch=250, warmup_steps=100, val_every=2, tune_postprocess=True,
-                     keep_epoch_checkpoints=True),
+                     keep_epoch_checkpoints=True, average_from=0.75, tta=True),
     # The published setting: R50-ViT-B_16 at 224², official TransUNet recipe (SGD 0.01, momentum
     # 0.9, weight decay 1e-4, poly 0.9 per iteration, batch 24, ~14k iterations) and the published
     # loss weights with the published focal-Tversky formula and -log Dice. CUDA + AMP.
@@ -322,6 +327,7 @@ RANGES = {
     "min_component_suvmax": (0.0, None, True, True),
     "uptake_suv": (0.0, None, False, True), "p_misalign": (0.0, 1.0, True, True),
     "ema_decay": (0.0, 1.0, True, False),
+    "average_from": (0.0, 1.0, True, False),
     "target_spacing": (0.0, None, False, True), "patch_overlap": (0.5, 1.0, True, False),
 }
 
@@ -391,6 +397,17 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("--n_test=0 with --phantom_test_seed: give --n_test >= 1 or "
                               "--phantom_test_seed=None")
     _validate_inplane(cfg)
+    if cfg.average_from > 0:
+        if not cfg.keep_epoch_checkpoints:
+            raise ConfigError(f"--average_from={cfg.average_from} averages the weights kept after "
+                              "each validation: add --keep_epoch_checkpoints=True")
+        if cfg.n_val == 0:
+            raise ConfigError(f"--average_from={cfg.average_from} averages the weights kept after "
+                              "each validation, and --n_val=0 validates nothing: give --n_val >= 1")
+        if cfg.early_stop_patience:
+            raise ConfigError(f"--average_from={cfg.average_from} averages the end of a run of "
+                              f"known length; --early_stop_patience={cfg.early_stop_patience} can "
+                              "end it before that part: use one of them")
     if cfg.warmup_steps >= cfg.epochs * cfg.steps_per_epoch:
         raise ConfigError(f"--warmup_steps={cfg.warmup_steps} is not shorter than the run "
                           f"({cfg.epochs} x {cfg.steps_per_epoch} steps); lower it")

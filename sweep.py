@@ -354,6 +354,9 @@ INERT_UNLESS = {"uptake_suv": ("aux_target", ("uptake",)),
                 "n_organ_classes": ("aux_target", ("organs",)),
                 "w_aux": ("aux_target", ("organs", "uptake")),
                 "pp_thresholds": ("tune_postprocess", (True,))}
+# settings added after runs were recorded, left out at the value that keeps the earlier
+# behaviour, so the fingerprints (and settings_ids) of the recorded runs stay what they were
+LATER_SETTINGS = {"average_from": 0.0}
 # unused when the run trained on a data_dir (without one, data_dir is None in every run)
 PHANTOM_SETTINGS = ("phantom_cases", "phantom_size", "phantom_seed")
 
@@ -419,11 +422,13 @@ def json_values(values: dict) -> dict:
 def settings_fingerprint(values: dict) -> dict:
     """What a run computes: its resolved config (config.json "config" read by
     config.load_config, so a key an older run lacks has today's default) without
-    NEUTRAL_SETTINGS (and PHANTOM_SETTINGS when it trained on a data_dir), as JSON values."""
+    NEUTRAL_SETTINGS (and PHANTOM_SETTINGS when it trained on a data_dir, the INERT_UNLESS
+    settings their switch leaves unused, the LATER_SETTINGS at their default), as JSON values."""
     values = json_values(values)
     drop = set(NEUTRAL_SETTINGS) | (set(PHANTOM_SETTINGS) if values.get("data_dir") else set())
     drop |= {key for key, (setting, active) in INERT_UNLESS.items()
              if values.get(setting) not in active}
+    drop |= {key for key, default in LATER_SETTINGS.items() if values.get(key, default) == default}
     return {key: value for key, value in sorted(values.items()) if key not in drop}
 
 

@@ -3,6 +3,7 @@ and a report, for a finished run.
 
     python test.py --run_dir=runs/<name>                        # re-evaluate a run's test studies
     python test.py --run_dir=runs/<name> --checkpoint=last --tta=True
+    python test.py --run_dir=runs/<name> --checkpoint=average --average_from=0.75  # mean weights
     python test.py --run_dir=runs/<name> --pp_thresholds=0.3,0.5,0.7,0.9  # re-tune post-processing
     python test.py --run_dir=runs/<name> --data_dir=/data/other # every labelled study of another folder
     python test.py --run_dir=runs/<name> --predict_dir=/data/new --output_dir=/tmp/masks   # unlabelled
@@ -12,8 +13,9 @@ and a report, for a finished run.
 The same commands run on a GPU (the run's config.json says which device; `auto` picks CUDA).
 Everything is rebuilt from `runs/<name>/config.json`, never from this file's defaults.
 
-Where results go (docs/evaluation.md, "Files"): main.py's evaluation of the best checkpoint on
-the run's test studies is `eval/`. Every other variant gets its own folder named after what
+Where results go (docs/evaluation.md, "Files"): main.py's evaluation of the run's own checkpoint
+(the best one, or the averaged weights of a run trained with --average_from) on the run's test
+studies is `eval/`. Every other variant gets its own folder named after what
 differs, e.g. `eval-last`, `eval-tta`, `eval-pp-floor1.5`, `eval-data-<folder>-<hash>`; a folder
 is written whole into a temporary folder and renamed, so it never mixes files of two
 evaluations. Evaluating a variant again either reproduces the folder that is there (same
@@ -168,12 +170,52 @@ def study_probabilities(model: torch.nn.Module, cached: Any, **options: Any) -> 
     return cached.to_original(prob, order=1) if _on_original_grid(cached) else prob
 
 
+def own_checkpoint(cfg: config.Config) -> str:
+    """The checkpoint a run is evaluated with by main.py (its `eval/` folder): "best", or with
+    average_from > 0 "average<fraction>", the mean of the weights kept after the validations of
+    the run's last (1 - fraction) of steps."""
+    return f"average{cfg.average_from:g}" if cfg.average_from > 0 else "best"
+
+
+def resolve_checkpoint(cfg: config.Config, checkpoint_name: Optional[str],
+                       average_from: Optional[float] = None) -> str:
+    """The checkpoint name an evaluation uses: None -> the run's own (`own_checkpoint`);
+    "average" -> "average<fraction>" with `average_from`, else the run's own fraction (a run
+    trained without averaging must be given one); "best", "last", "epoch_<k>" as they are."""
+    if average_from is not None and checkpoint_name not in (None, "average"):
+        raise EvaluationError(f"--average_from={average_from} chooses the weights of "
+                              f"--checkpoint=average, not of --checkpoint={checkpoint_name}")
+    if checkpoint_name is None and average_from is None:
+        return own_checkpoint(cfg)
+    if checkpoint_name in (None, "average"):
+        fraction = cfg.average_from if average_from is None else float(average_from)
+        if not 0 < fraction < 1:
+            raise EvaluationError(
+                "--checkpoint=average needs --average_from in (0, 1), e.g. 0.75 for the weights "
+                "kept in the last quarter of the run" + ("" if average_from is not None else
+                                                        " (the run was trained without averaging)"))
+        return f"average{fraction:g}"
+    return checkpoint_name
+
+
 def load_run_model(run_dir: Path, cfg: config.Config, checkpoint_name: str,
                    device: torch.device) -> torch.nn.Module:
-    """Build the run's model from its config and load `checkpoints/<checkpoint_name>.pt`."""
+    """Build the run's model from its config and load `checkpoints/<checkpoint_name>.pt`, or for
+    "average<fraction>" the mean of the epoch checkpoints after that fraction of the run
+    (checkpoint.averaged_epochs / average_weights)."""
     model = factory.build_model(cfg)
-    checkpoint.load_weights(model, run_dir / "checkpoints" / f"{checkpoint_name}.pt")
+    folder = run_dir / "checkpoints"
+    if checkpoint_name.startswith("average"):
+        checkpoint.load_weights(model, averaged_paths(run_dir, cfg, checkpoint_name))
+    else:
+        checkpoint.load_weights(model, folder / f"{checkpoint_name}.pt")
     return model.to(device)
+
+
+def averaged_paths(run_dir: Path, cfg: config.Config, checkpoint_name: str) -> list[Path]:
+    """The epoch checkpoints an "average<fraction>" checkpoint is the mean of."""
+    return checkpoint.averaged_epochs(run_dir / "checkpoints", float(checkpoint_name[7:]),
+                                      cfg.epochs, cfg.steps_per_epoch)
 
 
 def run_studies(run_dir: Path, cfg: config.Config, subset: str = "test") -> list:
@@ -249,7 +291,7 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
     """The folder of an evaluation: "eval" for the run's own setting (what main.py writes),
     "eval-<what differs>" for every other variant, so two variants never share a folder."""
     parts = []
-    if checkpoint_name != "best":
+    if checkpoint_name != own_checkpoint(cfg):
         parts.append(checkpoint_name)
     if settings["tta"] != cfg.tta:
         parts.append("tta" if settings["tta"] else "notta")
@@ -420,7 +462,8 @@ def run_config(run_dir: Path, cache_dir: str | os.PathLike | None = None) -> con
 
 
 def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
-             checkpoint: str = "best", tta: Optional[bool] = None,
+             checkpoint: Optional[str] = None, average_from: Optional[float] = None,
+             tta: Optional[bool] = None,
              postprocess: Optional[dict] = None, threshold: Optional[float] = None,
              device: Optional[torch.device | str] = None, allow_seen: bool = False,
              pp_thresholds: Optional[Sequence[float]] = None,
@@ -428,7 +471,8 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
 
-    Everything comes from `run_dir/config.json`; `tta`, `postprocess` ({"min_component_ml",
+    Everything comes from `run_dir/config.json`; `checkpoint` (None: the run's own,
+    `own_checkpoint`; "best", "last", "epoch_<k>", or "average" with `average_from`), `tta`, `postprocess` ({"min_component_ml",
     "suv_floor"}), `threshold`, `device` and `pp_thresholds` (the threshold candidates of a run
     with tune_postprocess; its own variant folder, `eval-ppthr0.3_..._0.95`) override it;
     `cache_dir` only moves where the studies are prepared (`run_config`), not what is scored.
@@ -445,6 +489,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     if not run_dir.is_dir():
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
     cfg = run_config(run_dir, cache_dir)
+    checkpoint = resolve_checkpoint(cfg, checkpoint, average_from)
     settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds)
     device = torch.device(settings["device"])
     name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
@@ -500,7 +545,11 @@ def _summary(rows: list[dict], pp_rows: list[dict], cfg: config.Config, settings
     if seen:
         summary["seen_in_run"] = {"n_studies": len(seen), "note": "studies the run trained or "
                                   "validated on: not a test"}
+    averaged = ({"averaged_epochs": [int(p.stem.removeprefix("epoch_"))
+                                     for p in averaged_paths(run_dir, cfg, checkpoint_name)]}
+                if checkpoint_name.startswith("average") else {})
     summary["settings"] = {**settings, "run_dir": str(run_dir), "checkpoint": checkpoint_name,
+                           **averaged,
                            "data_dir": data_dir, "model": cfg.model, "img_size": cfg.img_size,
                            "context_slices": cfg.context_slices, "inplane": cfg.inplane,
                            "patch_overlap": cfg.patch_overlap,
@@ -525,8 +574,8 @@ def _write_outputs(out: Path, rows: list[dict], lesions: list[dict], summary: di
 
 
 def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
-                output_dir: str | os.PathLike, *, checkpoint: str = "best",
-                tta: Optional[bool] = None, postprocess: Optional[dict] = None,
+                output_dir: str | os.PathLike, *, checkpoint: Optional[str] = None,
+                average_from: Optional[float] = None, tta: Optional[bool] = None, postprocess: Optional[dict] = None,
                 threshold: Optional[float] = None, device: Optional[torch.device | str] = None,
                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
     """Masks for every study of `input_dir` (labelled or not) as `<output_dir>/<case_id>.nii.gz`
@@ -541,6 +590,7 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
         raise EvaluationError(f"--output_dir={output_dir} lies inside --predict_dir={input_dir}; "
                               f"input folders are never written, choose another folder")
     cfg = run_config(run_dir, cache_dir)
+    checkpoint = resolve_checkpoint(cfg, checkpoint, average_from)
     settings = _settings(cfg, tta, postprocess, threshold, device)
     device = torch.device(settings["device"])
     post = settings["postprocess"]
@@ -575,7 +625,8 @@ def predict_dir(run_dir: str | os.PathLike, input_dir: str | os.PathLike,
 
 
 def export_run_onnx(run_dir: str | os.PathLike, path: str | os.PathLike, *,
-                    checkpoint: str = "best", n_check_slices: int = 16,
+                    checkpoint: Optional[str] = None, average_from: Optional[float] = None,
+                    n_check_slices: int = 16,
                     cache_dir: str | os.PathLike | None = None) -> tuple[Path, float]:
     """Export the run's model (eval mode: lesion logits, dynamic batch) to ONNX, then run the
     file with ONNX Runtime on slices of the run's test studies and return the largest absolute
@@ -584,6 +635,7 @@ def export_run_onnx(run_dir: str | os.PathLike, path: str | os.PathLike, *,
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, cache_dir)
+    checkpoint = resolve_checkpoint(cfg, checkpoint, average_from)
     model = load_run_model(run_dir, cfg, checkpoint, torch.device("cpu")).eval()
     written = export.export_onnx(model, path, in_channels=cfg.in_channels, img_size=cfg.img_size)
     inputs = _test_slices(run_dir, cfg, n_check_slices)
@@ -649,7 +701,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--predict_dir", default=None, help="predict masks for these studies")
     parser.add_argument("--output_dir", default=None, help="where --predict_dir masks go")
     parser.add_argument("--export_onnx", default=None, help="write the model as ONNX here")
-    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--checkpoint", default=None, choices=["best", "last", "average"],
+                        help="best (validation), last, or average: the mean of the weights kept "
+                             "after the validations of the run's end (default: the run's own, "
+                             "average when it was trained with --average_from, else best)")
+    parser.add_argument("--average_from", type=float, default=None,
+                        help="--checkpoint=average: average the weights kept after this fraction "
+                             "of the run's steps (0.75: the last quarter; default: the run's)")
     parser.add_argument("--tta", type=_parse_bool, default=None, help="flip TTA (config default)")
     parser.add_argument("--threshold", type=float, default=None, help="probability threshold")
     parser.add_argument("--suv_floor", type=float, default=None, help="post-processing")
@@ -692,11 +750,12 @@ def main(argv: Sequence[str]) -> None:
     args = _parse_args(argv)
     post = {k: getattr(args, k) for k in ("suv_floor", "min_component_ml", "min_component_suvmax")
             if getattr(args, k) is not None} or None
-    common = dict(checkpoint=args.checkpoint, tta=args.tta, postprocess=post,
+    common = dict(checkpoint=args.checkpoint, average_from=args.average_from, tta=args.tta,
+                  postprocess=post,
                   threshold=args.threshold, device=args.device, cache_dir=args.cache_dir)
     if args.export_onnx is not None:
         path, diff = export_run_onnx(args.run_dir, args.export_onnx, checkpoint=args.checkpoint,
-                                     cache_dir=args.cache_dir)
+                                     average_from=args.average_from, cache_dir=args.cache_dir)
         print(f"ONNX model written to {path}; max |logit difference| to PyTorch on the run's "
               f"test slices (ONNX Runtime, CPU): {diff:.3g}")
         return

@@ -68,8 +68,14 @@ def _load(folder: Path) -> dict:
     environment = json.loads((folder / "config.json").read_text()).get("environment", {})
     settings["amp"] = cpu_precision(settings.get("amp"), environment)
     summary = json.loads((folder / "eval" / "summary.json").read_text())
-    # which weights the evaluation scored (test.py --checkpoint): part of what a row is
-    settings["checkpoint"] = summary.get("settings", {}).get("checkpoint", "best")
+    # which weights the evaluation scored (test.py --checkpoint): part of what a row is. An
+    # averaged checkpoint ("average0.75") is checkpoint=average with its average_from, whether
+    # the run was trained with --average_from or evaluated so later (test.py --average_from)
+    scored = summary.get("settings", {}).get("checkpoint", "best")
+    settings["checkpoint"] = "average" if scored.startswith("average") else scored
+    settings["average_from"] = float(scored[7:]) if scored.startswith("average") else 0.0
+    # and whether it predicted with flip TTA (test.py --tta)
+    settings["tta"] = summary.get("settings", {}).get("tta", settings["tta"])
     # and the threshold candidates it tuned post-processing over (test.py --pp_thresholds)
     if "pp_thresholds" in summary.get("settings", {}):
         settings["pp_thresholds"] = summary["settings"]["pp_thresholds"]
@@ -132,6 +138,9 @@ def _best_epoch(run: dict) -> str:
     (training._update_best under the run's select_by) chose from its validations."""
     if run["config"]["checkpoint"] == "last" and run["history"]:
         return f"{run['history'][-1]['epoch']} (last)"
+    averaged = run["summary"].get("settings", {}).get("averaged_epochs")
+    if run["config"]["checkpoint"] == "average" and averaged:
+        return f"mean of {averaged[0]}-{averaged[-1]}"
     validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
     if not validated:
         return "—"
