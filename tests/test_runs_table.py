@@ -202,3 +202,31 @@ def test_a_cpu_run_in_bf16_is_not_one_row_with_float32_runs(tmp_path, rt):
     assert "| amp=bf16 |" in row
     assert rt.cpu_precision("auto", {"gpus": ["NVIDIA H200"], "cpu_native_bf16": True}) == "auto"
     assert rt.cpu_precision("False", {"cpu_native_bf16": True}) == "False"
+
+
+def test_an_averaged_tta_evaluation_is_one_row_with_a_run_trained_so(tmp_path, rt):
+    """test.py --checkpoint=average --average_from=0.75 --tta=True on a run trained without them
+    (summary: checkpoint average0.75, tta True) and a run trained with --average_from=0.75
+    --tta=True are the same configuration: one row, checkpoint=average, tta=True, the averaged
+    epochs in the epoch column; the run's own best-epoch evaluation is its own row."""
+    ev = tmp_path / "evidence"
+    for name, seed, trained, scored in (("ref", 0, {}, None),
+                                        ("ref.eval-average0.75-tta", 0, {}, [2, 3]),
+                                        ("avg_s1", 1, {"average_from": 0.75, "tta": True,
+                                                       "keep_epoch_checkpoints": True}, [2, 3])):
+        fake_run(ev / name, epochs=3, dice=[0.2, 0.4, 0.6] if scored is None else [0.4, 0.5, 0.6],
+                 fpv=[1.0, 2.0, 3.0], seed=seed)
+        path = ev / name / "config.json"
+        doc = json.loads(path.read_text())
+        doc["config"].update(trained)
+        path.write_text(json.dumps(doc))
+        if scored:
+            summary = json.loads((ev / name / "eval" / "summary.json").read_text())
+            summary["settings"] = {"checkpoint": "average0.75", "averaged_epochs": scored,
+                                   "tta": True}
+            (ev / name / "eval" / "summary.json").write_text(json.dumps(summary))
+    lines = rt.table(ev, "ref").splitlines()
+    row = next(r for r in lines if r.startswith("| avg_s1, ref.eval-average0.75-tta |"))
+    assert "| average_from=0.75, checkpoint=average, tta=True | 0, 1 |" in row
+    assert "| mean of 2-3, mean of 2-3 / 30 |" in row
+    assert "| +0.100 [+0.100, +0.100], " in row  # paired on seed 0, the seed both rows have
