@@ -226,7 +226,9 @@ def test_an_averaged_tta_evaluation_is_one_row_with_a_run_trained_so(tmp_path, r
                                    "tta": True}
             (ev / name / "eval" / "summary.json").write_text(json.dumps(summary))
     lines = rt.table(ev, "ref").splitlines()
-    row = next(r for r in lines if r.startswith("| avg_s1, ref.eval-average0.75-tta |"))
+    row = next(r for r in lines if r.startswith("| ref.eval-average0.75-tta, avg_s1 |"))
     assert "| average_from=0.75, checkpoint=average, tta=True | 0, 1 |" in row
     assert "| mean of 2-3, mean of 2-3 / 30 |" in row
-    assert "| +0.100 [+0.100, +0.100], " in row  # paired on seed 0, the seed both rows have
+    # paired on seed 0, the seed both rows have: study differences 0.2, 0.1, 0.0
+    assert "| +0.100 [+0.000, +0.200], 0.5 |" in row
+    assert any(r.startswith("| ref | reference | 0 | 2 / 30 |") for r in lines)
