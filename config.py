@@ -212,8 +212,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `test.py --checkpoint=average --average_from=0.75 --tta=True` (eval-average0.75-tta in
     # each folder): test Dice 0.650 / 0.668 raw, 0.658 / 0.669 post-processed, FPV 1.9 / 1.4 ml
     # post-processed, lesion recall 0.82 / 0.74, against 0.618 / 0.630 raw and 0.594 / 0.609
-    # post-processed for the best epoch without TTA (README, "The longer CPU recipe"). The
-    # phantom oracle scores 0.664 on these studies.
+    # post-processed for the best epoch without TTA (README, "The longer CPU recipe"). A third
+    # seed run with this preset from scratch (results/cpu_long_s2, 54.9 min): 0.622 / 0.590;
+    # three-seed mean 0.647 raw / 0.639 post-processed. The phantom oracle scores 0.664 here.
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=64,
                      steps_per_epoch=250, warmup_steps=100, val_every=2, tune_postprocess=True,
                      keep_epoch_checkpoints=True, average_from=0.75, tta=True),
