@@ -79,6 +79,17 @@ def load_checkpoint(path: str | Path) -> dict:
                             "it is damaged or not a checkpoint of this project") from None
 
 
+def epoch_files(folder: str | Path) -> dict[int, Path]:
+    """{k: folder/epoch_<k>.pt} for the weights a run kept after each validation
+    (keep_epoch_checkpoints), in epoch order."""
+    found = {}
+    for path in Path(folder).glob("epoch_*.pt"):
+        suffix = path.stem.removeprefix("epoch_")
+        if suffix.isdigit():
+            found[int(suffix)] = path
+    return dict(sorted(found.items()))
+
+
 def averaged_epochs(folder: str | Path, average_from: float, epochs: int,
                     steps_per_epoch: int) -> list[Path]:
     """The `epoch_<k>.pt` files of `folder` (written after each validation with
@@ -87,18 +98,14 @@ def averaged_epochs(folder: str | Path, average_from: float, epochs: int,
     mean of. The run must have finished (its last epoch is always validated, so epoch_<epochs>.pt
     exists); anything else is a CheckpointError that says what to do."""
     folder = Path(folder)
-    found = {}
-    for path in folder.glob("epoch_*.pt"):
-        suffix = path.stem.removeprefix("epoch_")
-        if suffix.isdigit():
-            found[int(suffix)] = path
+    found = epoch_files(folder)
     if epochs not in found:
         raise CheckpointError(
             f"{folder} has no epoch_{epochs}.pt: an averaged checkpoint needs the weights kept "
             "after every validation (--keep_epoch_checkpoints=True) of a finished run; "
             + ("train with that setting" if not found else "resume the run to its end first"))
     first = average_from * epochs * steps_per_epoch
-    return [found[k] for k in sorted(found) if k * steps_per_epoch > first]
+    return [path for k, path in found.items() if k * steps_per_epoch > first]
 
 
 def average_weights(paths: list[Path]) -> dict:

@@ -204,11 +204,10 @@ def load_run_model(run_dir: Path, cfg: config.Config, checkpoint_name: str,
     "average<fraction>" the mean of the epoch checkpoints after that fraction of the run
     (checkpoint.averaged_epochs / average_weights)."""
     model = factory.build_model(cfg)
-    folder = run_dir / "checkpoints"
     if checkpoint_name.startswith("average"):
         checkpoint.load_weights(model, averaged_paths(run_dir, cfg, checkpoint_name))
     else:
-        checkpoint.load_weights(model, folder / f"{checkpoint_name}.pt")
+        checkpoint.load_weights(model, run_dir / "checkpoints" / f"{checkpoint_name}.pt")
     return model.to(device)
 
 
@@ -472,8 +471,8 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
 
     Everything comes from `run_dir/config.json`; `checkpoint` (None: the run's own,
-    `own_checkpoint`; "best", "last", "epoch_<k>", or "average" with `average_from`), `tta`, `postprocess` ({"min_component_ml",
-    "suv_floor"}), `threshold`, `device` and `pp_thresholds` (the threshold candidates of a run
+    `own_checkpoint`; "best", "last", "epoch_<k>", or "average" with `average_from`), `tta`,
+    `postprocess` ({"min_component_ml", "suv_floor"}), `threshold`, `device` and `pp_thresholds` (the threshold candidates of a run
     with tune_postprocess; its own variant folder, `eval-ppthr0.3_..._0.95`) override it;
     `cache_dir` only moves where the studies are prepared (`run_config`), not what is scored.
     Per study: probabilities (inference.predict_study by the run's in-plane path, under the

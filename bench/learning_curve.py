@@ -24,14 +24,13 @@ import csv
 import json
 import logging
 import math
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+import checkpoint  # noqa: E402 - the epoch files a run kept
 import runtime  # noqa: E402
 
-EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")
 COLUMNS = ("epoch", "step", "val_pseudo_dice", "val_mean_dice", "test_dice",
            "test_fpv_ml_tumor_free", "lesion_recall")
 
@@ -44,8 +43,7 @@ class CurveError(ValueError):
 
 def epoch_checkpoints(run_dir: Path) -> list[int]:
     """The epochs k with a checkpoints/epoch_<k>.pt, ascending."""
-    found = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("epoch_*.pt")
-             if (m := EPOCH_CHECKPOINT.fullmatch(p.name))]
+    found = list(checkpoint.epoch_files(run_dir / "checkpoints"))
     if not found:
         raise CurveError(f"{run_dir}/checkpoints holds no epoch_<k>.pt; train with "
                          "--keep_epoch_checkpoints=True (sweep.py budget `long` does)")
