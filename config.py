@@ -156,6 +156,10 @@ class Config:
     tune_postprocess: bool = False  # choose threshold + the three post-processing settings on
     # the validation studies (pooled Dice over metrics.POSTPROCESS_GRID; saved in summary.json)
     pp_thresholds: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # tune_postprocess: the threshold axis
+    # tune_postprocess chooses by: pooled_dice = the Dice of all validation voxels pooled;
+    # mean_dice = the mean of the tumour studies' own Dice, the figure the evaluation reports
+    # (metrics.postprocess_objective; docs/evaluation.md, "Post-processing")
+    pp_objective: str = "pooled_dice"
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     save_overlays: bool = True
     # learning curves: after every validation also checkpoints/epoch_<k>.pt, the weights alone
@@ -300,6 +304,7 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "schedule": ("cosine", "poly", "constant"),
     "select_by": ("pseudo_dice", "tuned_pseudo_dice"),
+    "pp_objective": ("pooled_dice", "mean_dice"),
     "fg_sampling": ("slice", "lesion"),
     "amp": ("auto", "True", "False", "bf16", "fp16"),
     "channels_last": ("auto", "True", "False"),

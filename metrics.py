@@ -405,7 +405,7 @@ def postprocess_grid(thresholds: Sequence[float]) -> dict:
 def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
                        spacing: Sequence[float], grid: dict = POSTPROCESS_GRID) -> np.ndarray:
     """Voxel counts (TP, FP, FN) of one study for every combination of the grid, shape
-    (n_threshold, n_floor, n_min_ml, n_min_suvmax, 3): what `choose_postprocessing` sums.
+    (n_threshold, n_floor, n_min_ml, n_min_suvmax, 3): what `choose_postprocessing` scores.
     Exactly what `postprocess_mask` would give (tested), with one component labelling per
     (threshold, floor) instead of one per combination."""
     ref = np.asarray(ref) > 0
@@ -429,15 +429,42 @@ def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
     return counts
 
 
-def choose_postprocessing(counts: np.ndarray, grid: dict = POSTPROCESS_GRID) -> tuple[dict, float]:
-    """The grid combination with the highest pooled Dice 2 sum TP / (2 sum TP + sum FP + sum FN)
-    over the studies whose `postprocess_counts` were summed into `counts` (the VALIDATION
-    studies). The pooled Dice charges false positives on tumour-free studies, which a mean of
-    per-study Dice over tumour studies would not. Ties go to the stricter setting (the later
-    candidate of each axis, i.e. fewer false positives). Returns (settings, pooled Dice)."""
-    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
-    flat = np.flatnonzero(dice == dice.max())[-1]  # C order: the last tie is the strictest
-    index = np.unravel_index(flat, dice.shape)
+PP_OBJECTIVES = ("pooled_dice", "mean_dice")  # config pp_objective
+
+
+def postprocess_objective(counts: np.ndarray, objective: str = "pooled_dice") -> np.ndarray:
+    """The score of every grid combination over the studies of `counts`, the per-study
+    `postprocess_counts` stacked on a first axis (n_studies, *grid shape, 3):
+    - "pooled_dice": 2 sum TP / (2 sum TP + sum FP + sum FN) over all the studies. It charges the
+      false positives of tumour-free studies, but a large lesion outweighs many small ones.
+    - "mean_dice": the mean over the tumour studies of each study's Dice 2TP / (2TP + FP + FN),
+      the figure the evaluation reports (metrics.summarise). Every study weighs the same, so a
+      setting that deletes a study's only small lesion costs that study's whole Dice; the false
+      positives count through the tumour studies, which carry the same physiological uptake
+      (kidneys, ureters, bladder) as the tumour-free ones, not through the tumour-free studies.
+    """
+    counts = np.asarray(counts)
+    if objective == "pooled_dice":
+        tp, fp, fn = np.moveaxis(counts.sum(axis=0), -1, 0)
+        return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    if objective != "mean_dice":
+        raise ValueError(f"pp_objective must be one of {PP_OBJECTIVES}, got {objective!r}")
+    tp, fp, fn = np.moveaxis(counts, -1, 0)
+    tumour = (tp + fn).reshape(len(counts), -1)[:, 0] > 0  # TP + FN = the study's tumour voxels
+    if not tumour.any():
+        raise ValueError("pp_objective=mean_dice needs at least one validation study with tumour")
+    tp, fp, fn = tp[tumour], fp[tumour], fn[tumour]
+    return (2 * tp / (2 * tp + fp + fn)).mean(axis=0)
+
+
+def choose_postprocessing(counts: np.ndarray, grid: dict = POSTPROCESS_GRID,
+                          objective: str = "pooled_dice") -> tuple[dict, float]:
+    """The grid combination with the highest `postprocess_objective` over the studies whose
+    `postprocess_counts` were stacked into `counts` (the VALIDATION studies). Ties go to the
+    stricter setting (the later candidate of each axis, i.e. fewer false positives). Returns
+    (settings, score)."""
+    score = postprocess_objective(counts, objective)
+    flat = np.flatnonzero(score == score.max())[-1]  # C order: the last tie is the strictest
+    index = np.unravel_index(flat, score.shape)
     chosen = {key: float(values[i]) for (key, values), i in zip(grid.items(), index)}
-    return chosen, float(dice[index])
+    return chosen, float(score[index])

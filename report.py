@@ -35,6 +35,9 @@ import numpy as np
 
 from quantification import AGREEMENT_LABELS, BLAND_ALTMAN_PNG, SCATTER_PNG
 
+OBJECTIVE_LABELS = {"pooled_dice": "pooled Dice of their voxels",  # config pp_objective
+                    "mean_dice": "mean Dice of their tumour studies"}
+
 # the files of quantification.save_agreement_plots, shown when present in eval_dir
 AGREEMENT_PLOTS = ((BLAND_ALTMAN_PNG, "Bland–Altman: difference against the mean"),
                    (SCATTER_PNG, "Predicted against reference, identity line"))
@@ -323,7 +326,9 @@ def _summary_section(summary: Mapping[str, Any]) -> str:
     tuning = summary.get("threshold_tuning")
     if isinstance(tuning, Mapping) and "chosen" in tuning:
         parts.append(f'<p class="hint">Probability threshold {_esc(tuning["chosen"])} chosen on '
-                     f'{_esc(tuning.get("n_val_studies", "?"))} validation studies.</p>')
+                     f'{_esc(tuning.get("n_val_studies", "?"))} validation studies'
+                     + (f' (the highest {_esc(OBJECTIVE_LABELS.get(tuning["objective"], tuning["objective"]))})'
+                        if "objective" in tuning else "") + '.</p>')
     return "".join(parts)
 
 

@@ -62,6 +62,7 @@ from data.split import load_split
 from inference import predict_study
 from metrics import (THRESHOLD_CANDIDATES, case_metrics, choose_postprocessing,
                      counts_above, format_summary, postprocess_counts, postprocess_grid, postprocess_mask,
+                     postprocess_objective,
                      summarise_cohort)
 from pictures import overlay_png
 
@@ -267,7 +268,8 @@ def folder_studies(run_dir: Path, cfg: config.Config, data_dir: str, allow_seen:
 
 def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dict],
               threshold: Optional[float], device: Optional[torch.device | str],
-              pp_thresholds: Optional[Sequence[float]] = None) -> dict:
+              pp_thresholds: Optional[Sequence[float]] = None,
+              pp_objective: Optional[str] = None) -> dict:
     post = {"min_component_ml": cfg.min_component_ml, "suv_floor": cfg.suv_floor,
             "min_component_suvmax": cfg.min_component_suvmax, **(postprocess or {})}
     tune_postprocess = cfg.tune_postprocess and threshold is None and not postprocess
@@ -276,11 +278,17 @@ def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dic
                               "on the validation studies; this evaluation tunes nothing (the run "
                               "has tune_postprocess=False, or --threshold / post-processing "
                               "values were given)")
+    if pp_objective is not None and not tune_postprocess:
+        raise EvaluationError("--pp_objective is how tune_postprocess chooses on the validation "
+                              "studies; this evaluation tunes nothing (the run has "
+                              "tune_postprocess=False, or --threshold / post-processing values "
+                              "were given)")
     return {"threshold": cfg.threshold if threshold is None else float(threshold),
             "tune_threshold": cfg.tune_threshold and threshold is None,
             "tune_postprocess": tune_postprocess,
             "pp_thresholds": [float(t) for t in (cfg.pp_thresholds if pp_thresholds is None
                                                  else pp_thresholds)],
+            "pp_objective": cfg.pp_objective if pp_objective is None else pp_objective,
             "tta": cfg.tta if tta is None else bool(tta), "postprocess": post,
             "device": str(runtime.resolve_device(str(device or cfg.device)))}
 
@@ -298,6 +306,8 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
         parts.append(f"thr{settings['threshold']:g}")
     if settings["tune_postprocess"] and settings["pp_thresholds"] != [float(t) for t in cfg.pp_thresholds]:
         parts.append("ppthr" + "_".join(f"{t:g}" for t in settings["pp_thresholds"]))
+    if settings["tune_postprocess"] and settings["pp_objective"] != cfg.pp_objective:
+        parts.append(f"pp{settings['pp_objective'].replace('_', '')}")
     post = settings["postprocess"]
     if (post["suv_floor"], post["min_component_ml"], post["min_component_suvmax"]) != \
             (cfg.suv_floor, cfg.min_component_ml, cfg.min_component_suvmax) or \
@@ -360,24 +370,33 @@ def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settin
 def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
                       amp_dtype: Optional[torch.dtype]) -> tuple[float, dict]:
     """Threshold, suv_floor, min_component_ml and min_component_suvmax chosen together on the
-    validation studies: the highest pooled Dice over metrics.POSTPROCESS_GRID with the
+    validation studies: the highest settings["pp_objective"] (metrics.postprocess_objective:
+    pooled Dice, or the mean of the tumour studies' Dice) over metrics.POSTPROCESS_GRID with the
     threshold axis settings["pp_thresholds"] (config pp_thresholds unless overridden)."""
     grid = postprocess_grid(settings["pp_thresholds"])
     studies = run_studies(run_dir, cfg, subset="val")
-    counts = None
+    objective = settings["pp_objective"]
+    if objective == "mean_dice" and not any(study_volumes(c, cfg.suv_max)[1].any() for c in studies):
+        raise EvaluationError(f"{run_dir}: tune_postprocess with pp_objective=mean_dice averages "
+                              f"the Dice of the validation studies with tumour, and none of its "
+                              f"{len(studies)} has any; use --pp_objective=pooled_dice")
+    counts = []
     for cached in studies:
         prob = study_probabilities(model, cached, **factory.inference_options(cfg),
                                    device=torch.device(settings["device"]), amp_dtype=amp_dtype,
                                    tta=settings["tta"])
         suv, ref, _ = study_volumes(cached, cfg.suv_max)
-        study_counts = postprocess_counts(prob, ref, suv, scoring_grid(cached)[0], grid)
-        counts = study_counts if counts is None else counts + study_counts
-    chosen, dice = choose_postprocessing(counts, grid)
+        counts.append(postprocess_counts(prob, ref, suv, scoring_grid(cached)[0], grid))
+    chosen, score = choose_postprocessing(np.stack(counts), grid, objective)
+    index = tuple(list(values).index(chosen[key]) for key, values in grid.items())
     settings["postprocess"] = {k: chosen[k] for k in ("suv_floor", "min_component_ml",
                                                       "min_component_suvmax")}
-    log.info("chosen on %d validation studies (pooled Dice %.3f): %s", len(studies), dice, chosen)
-    return chosen["threshold"], {"chosen": chosen, "n_val_studies": len(studies),
-                                 "val_pooled_dice": dice, "grid": grid}
+    log.info("chosen on %d validation studies (%s %.3f): %s", len(studies), objective, score,
+             chosen)
+    return chosen["threshold"], {
+        "chosen": chosen, "n_val_studies": len(studies), "objective": objective,
+        "val_pooled_dice": float(postprocess_objective(np.stack(counts), "pooled_dice")[index]),
+        **({"val_mean_dice": score} if objective == "mean_dice" else {}), "grid": grid}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +485,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              postprocess: Optional[dict] = None, threshold: Optional[float] = None,
              device: Optional[torch.device | str] = None, allow_seen: bool = False,
              pp_thresholds: Optional[Sequence[float]] = None,
+             pp_objective: Optional[str] = None,
              cache_dir: str | os.PathLike | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
@@ -489,7 +509,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
     cfg = run_config(run_dir, cache_dir)
     checkpoint = resolve_checkpoint(cfg, checkpoint, average_from)
-    settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds)
+    settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds, pp_objective)
     device = torch.device(settings["device"])
     name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
     seen: dict[str, str] = {}
@@ -718,6 +738,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "(a copied run, or one kept by bench/main_run.py)")
     parser.add_argument("--pp_thresholds", default=None,
                         help="threshold candidates of tune_postprocess, e.g. 0.3,0.5,0.7,0.9")
+    parser.add_argument("--pp_objective", default=None, choices=list(config.CHOICES["pp_objective"]),
+                        help="what tune_postprocess maximises on the validation studies: "
+                             "pooled_dice or mean_dice (of the tumour studies; default: the run's)")
     args = parser.parse_args(argv)
     if args.pp_thresholds is not None:
         value = config.parse_value(args.pp_thresholds)  # as main.py reads --key=value
@@ -763,7 +786,8 @@ def main(argv: Sequence[str]) -> None:
         print(f"{len(written)} masks written to {args.output_dir}")
         return
     summary = evaluate(args.run_dir, data_dir=args.data_dir, allow_seen=args.allow_seen,
-                       pp_thresholds=args.pp_thresholds, **common)
+                       pp_thresholds=args.pp_thresholds, pp_objective=args.pp_objective,
+                       **common)
     print(format_summary(summary))
     if "postprocessed" in summary:
         print("\nafter post-processing:\n" + format_summary(summary["postprocessed"]))

@@ -102,8 +102,7 @@ def table(out: Path) -> str:
         f"{len(split['train'])} training / {len(split['val'])} validation studies, "
         f"{summary['n_studies']} test studies of a phantom seed the model never saw; commit "
         f"`{commit}`."
-        + (f" Best checkpoint: epoch {best['epoch']} (validation pseudo-Dice "
-           f"{best['val_pseudo_dice']:.3f})." if best else ""),
+        + _scored_weights(summary.get("settings", {}), best),
         "",
         "| metric | value (95 % bootstrap CI) | studies |",
         "|---|---|---|",
@@ -128,6 +127,18 @@ def table(out: Path) -> str:
                   f"{pm['fpv_ml_tumor_free']['mean']:.2f} ml, lesion recall {pl['recall']:.2f}, "
                   f"{pl['false_positive_components']} false-positive components."]
     return "\n".join(lines) + "\n"
+
+
+def _scored_weights(settings: dict, best: dict | None) -> str:
+    """Which weights the evaluation scored: the mean of the kept epochs (a run with
+    average_from, test.py --checkpoint=average) or the validation-chosen epoch."""
+    if str(settings.get("checkpoint", "")).startswith("average"):
+        epochs = settings.get("averaged_epochs") or []
+        return (f" Scored: the mean of the weights of epochs {', '.join(map(str, epochs))}"
+                + (f" (the validation pseudo-Dice would have chosen epoch {best['epoch']}, "
+                   f"{best['val_pseudo_dice']:.3f})." if best else "."))
+    return (f" Best checkpoint: epoch {best['epoch']} (validation pseudo-Dice "
+            f"{best['val_pseudo_dice']:.3f})." if best else "")
 
 
 def compare(out: Path, ref: Path) -> str:

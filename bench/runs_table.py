@@ -79,6 +79,9 @@ def _load(folder: Path) -> dict:
     # and the threshold candidates it tuned post-processing over (test.py --pp_thresholds)
     if "pp_thresholds" in summary.get("settings", {}):
         settings["pp_thresholds"] = summary["settings"]["pp_thresholds"]
+    # and what it maximised when it did (test.py --pp_objective)
+    if "pp_objective" in summary.get("settings", {}):
+        settings["pp_objective"] = summary["settings"]["pp_objective"]
     with open(folder / "eval" / "per_case.csv", newline="") as f:
         cases = sorted(r["case_id"] for r in csv.DictReader(f))
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]

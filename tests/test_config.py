@@ -153,3 +153,19 @@ def test_pp_thresholds_from_the_command_line_and_their_check():
     for bad in ("(0.5,0.4)", "(0.5,1.0)", "(0.0,0.5)", "()"):
         with pytest.raises(ConfigError, match="--pp_thresholds"):
             parse_cli([f"--pp_thresholds={bad}"])
+
+
+def test_pp_objective_is_checked_and_leaves_recorded_fingerprints_alone():
+    import sweep
+
+    assert parse_cli(["--pp_objective=mean_dice"]).pp_objective == "mean_dice"
+    with pytest.raises(ConfigError, match="pp_objective"):
+        parse_cli(["--pp_objective=median_dice"])
+    cfg = make_config({"preset": "tiny", "tune_postprocess": True}).to_dict()
+    before = {k: v for k, v in cfg.items() if k != "pp_objective"}  # a run recorded before it
+    assert sweep.settings_fingerprint(before) == sweep.settings_fingerprint(cfg)
+    by_mean = {**cfg, "pp_objective": "mean_dice"}
+    assert sweep.settings_fingerprint(by_mean)["pp_objective"] == "mean_dice"
+    # without tune_postprocess nothing is tuned: the objective changes nothing
+    untuned = {**by_mean, "tune_postprocess": False}
+    assert "pp_objective" not in sweep.settings_fingerprint(untuned)

@@ -211,6 +211,13 @@ def test_main_run_table_reads_every_number_from_the_evidence(tiny_run, tmp_path)
     assert f"| Dice, tumour studies | {summary['metrics']['dice']['mean']:.3f}" in text
     les = summary["lesions"]
     assert f"{les['detected']} of {les['n_lesions']}" in text
+    assert "Best checkpoint: epoch" in text and "mean of the weights" not in text
+    # an evaluation of averaged weights names the epochs it averaged, not the best epoch
+    summary["settings"].update(checkpoint="average0.75", averaged_epochs=[3, 4])
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
+    text = main_run.table(tmp_path)
+    assert "Scored: the mean of the weights of epochs 3, 4 (the validation pseudo-Dice would " \
+           "have chosen epoch" in text and "Best checkpoint" not in text
 
 
 def test_main_run_compare_pairs_two_runs_on_their_test_studies(tiny_run, tmp_path):

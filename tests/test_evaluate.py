@@ -11,6 +11,7 @@ import torch
 from conftest import PetThreshold, write_toy_run
 
 import checkpoint
+import factory
 import inference
 import metrics
 import pictures
@@ -434,6 +435,38 @@ def test_tune_postprocess_chooses_on_validation_and_applies_it(tiny_run_dir, toy
     # nothing to tune: refused before any work, naming the setting
     with pytest.raises(evaluation.EvaluationError, match="--pp_thresholds"):
         evaluation.evaluate(copy, pp_thresholds=[0.5], threshold=0.4, progress=False)
+    with pytest.raises(evaluation.EvaluationError, match="--pp_objective"):
+        evaluation.evaluate(copy, pp_objective="mean_dice", threshold=0.4, progress=False)
+    # the mean of the validation tumour studies' Dice (test.py --pp_objective=mean_dice): its
+    # own folder, the objective and the chosen combination's score on the validation studies
+    # recorded, and that score is the mean Dice of the chosen post-processing recomputed here
+    # this run's one validation study is tumour-free: refused, before any inference
+    with pytest.raises(evaluation.EvaluationError, match="none of its 1 has any"):
+        evaluation.evaluate(copy, pp_objective="mean_dice", progress=False)
+    split = json.loads((copy / "split.json").read_text())
+    split["val"] = split["val"] + split["test"]  # validation with a tumour study
+    (copy / "split.json").write_text(json.dumps(split))
+    by_mean = evaluation.evaluate(copy, pp_objective="mean_dice", progress=False)
+    assert Path(by_mean["output_dir"]).name == "eval-ppmeandice"
+    tuning = by_mean["threshold_tuning"]
+    assert tuning["objective"] == "mean_dice" and by_mean["settings"]["pp_objective"] == "mean_dice"
+    assert summary["threshold_tuning"]["objective"] == "pooled_dice"
+    assert "val_mean_dice" not in summary["threshold_tuning"]
+    cfg = evaluation.run_config(copy)
+    model = evaluation.load_run_model(copy, cfg, "best", torch.device("cpu"))
+    dices = []
+    for cached in evaluation.run_studies(copy, cfg, subset="val"):
+        prob = evaluation.study_probabilities(model, cached, **factory.inference_options(cfg),
+                                              device=torch.device("cpu"), amp_dtype=None,
+                                              tta=by_mean["settings"]["tta"])
+        suv, ref, _ = evaluation.study_volumes(cached, cfg.suv_max)
+        spacing = evaluation.scoring_grid(cached)[0]
+        pred = metrics.postprocess_mask(prob > tuning["chosen"]["threshold"], spacing=spacing,
+                                        suv=suv, **by_mean["settings"]["postprocess"])
+        if ref.any():
+            dices.append(2 * (pred & (ref > 0)).sum() / (pred.sum() + (ref > 0).sum()))
+    assert dices and tuning["val_mean_dice"] == pytest.approx(float(np.mean(dices)))
+    assert (copy / "eval" / "summary.json").read_text() == before
 
 
 @pytest.mark.parametrize("value", ["0.9,0.3", "0.5,1.2", "0.5,x", ""])

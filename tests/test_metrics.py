@@ -290,10 +290,36 @@ def test_choose_postprocessing_takes_the_best_pooled_dice_and_the_stricter_tie()
     counts[0, 0, 1, 0] = (10, 10, 0)  # 20 / 30 = 0.667
     counts[1, 0, 0, 0] = (9, 9, 1)    # 18 / 28 = 0.643
     counts[1, 0, 1, 0] = (10, 10, 0)  # 0.667, a tie with [0, 0, 1]: the stricter (later) wins
-    chosen, dice = metrics.choose_postprocessing(counts, grid)
+    chosen, dice = metrics.choose_postprocessing(counts[None], grid)  # one study
     assert dice == pytest.approx(2 / 3)
     assert chosen == {"threshold": 0.5, "suv_floor": 0.0, "min_component_ml": 0.1,
                       "min_component_suvmax": 0.0}
+
+
+def test_pp_objectives_pooled_against_mean_of_studies_hand_computed():
+    # two combinations (min_component_ml 0 or 0.1) on three validation studies: a large lesion,
+    # a small lesion that the 0.1 ml filter deletes, and a tumour-free study
+    grid = {"threshold": (0.5,), "suv_floor": (0.0,), "min_component_ml": (0.0, 0.1),
+            "min_component_suvmax": (0.0,)}
+    counts = np.zeros((3, 1, 1, 2, 1, 3), np.int64)
+    counts[0, 0, 0, 0, 0] = (100, 40, 0)  # large lesion, unfiltered: 200 / 240
+    counts[0, 0, 0, 1, 0] = (100, 20, 0)  # filtered: 200 / 220
+    counts[1, 0, 0, 0, 0] = (2, 0, 0)     # small lesion found: Dice 1
+    counts[1, 0, 0, 1, 0] = (0, 0, 2)     # deleted: Dice 0
+    counts[2, 0, 0, 0, 0] = (0, 30, 0)    # tumour-free study: 30 false-positive voxels
+    counts[2, 0, 0, 1, 0] = (0, 0, 0)
+    pooled = metrics.postprocess_objective(counts, "pooled_dice")
+    assert pooled[0, 0, 0, 0] == pytest.approx(204 / (204 + 70))
+    assert pooled[0, 0, 1, 0] == pytest.approx(200 / (200 + 20 + 2))
+    mean = metrics.postprocess_objective(counts, "mean_dice")  # tumour studies 0 and 1 only
+    assert mean[0, 0, 0, 0] == pytest.approx((200 / 240 + 1) / 2)
+    assert mean[0, 0, 1, 0] == pytest.approx((200 / 220 + 0) / 2)
+    assert metrics.choose_postprocessing(counts, grid, "pooled_dice")[0]["min_component_ml"] == 0.1
+    assert metrics.choose_postprocessing(counts, grid, "mean_dice")[0]["min_component_ml"] == 0.0
+    with pytest.raises(ValueError, match="at least one validation study with tumour"):
+        metrics.postprocess_objective(counts[2:], "mean_dice")
+    with pytest.raises(ValueError, match="pp_objective"):
+        metrics.postprocess_objective(counts, "median_dice")
 
 
 # ---- paired comparison of two configurations over the same studies ------------------------

@@ -184,6 +184,15 @@ def test_summary_numbers_and_intervals_are_shown(tmp_path):
     assert "postprocess.suv_floor" in page
 
 
+def test_the_post_processing_objective_is_named(tmp_path):
+    for objective, words in (("mean_dice", "mean Dice of their tumour studies"),
+                             ("pooled_dice", "pooled Dice of their voxels")):
+        summary = {**SUMMARY, "threshold_tuning": {"chosen": {"threshold": 0.5},
+                                                   "n_val_studies": 30, "objective": objective}}
+        page = report.write_report(tmp_path / objective, summary=summary, rows=make_rows(3)).read_text()
+        assert f"30 validation studies (the highest {words})" in page
+
+
 # ---- headless Chromium ----------------------------------------------------------------------
 
 def _browser_missing() -> str:
