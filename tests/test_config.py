@@ -71,6 +71,7 @@ _NOT_RECIPE = {"out_dir", "run_name", "cache_dir", "seed"}
     ("cpu_long", "results/cpu_long_bf16", "eval-average0.75-tta"),
     ("cpu_long", "results/cpu_long_bf16_s1", "eval-average0.75-tta"),
     ("cpu_long", "results/cpu_long_s2", "eval"),
+    ("cpu_long", "results/cpu_long_s3", "eval"),
 ])
 def test_a_preset_is_the_recipe_of_the_evidence_its_comment_cites(preset, evidence, evaluation):
     """The README and the preset's comment quote these runs' figures for the preset: a preset
