@@ -387,7 +387,8 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
                                    tta=settings["tta"])
         suv, ref, _ = study_volumes(cached, cfg.suv_max)
         counts.append(postprocess_counts(prob, ref, suv, scoring_grid(cached)[0], grid))
-    chosen, score = choose_postprocessing(np.stack(counts), grid, objective)
+    counts = np.stack(counts)  # (n_studies, *grid shape, 3)
+    chosen, score = choose_postprocessing(counts, grid, objective)
     index = tuple(list(values).index(chosen[key]) for key, values in grid.items())
     settings["postprocess"] = {k: chosen[k] for k in ("suv_floor", "min_component_ml",
                                                       "min_component_suvmax")}
@@ -395,7 +396,7 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
              chosen)
     return chosen["threshold"], {
         "chosen": chosen, "n_val_studies": len(studies), "objective": objective,
-        "val_pooled_dice": float(postprocess_objective(np.stack(counts), "pooled_dice")[index]),
+        "val_pooled_dice": float(postprocess_objective(counts, "pooled_dice")[index]),
         **({"val_mean_dice": score} if objective == "mean_dice" else {}), "grid": grid}
 
 
