@@ -1,0 +1,203 @@
+"""Would a filter on whole predicted components remove the false positives a run has left?
+
+    python bench/component_filters.py --run_dir=runs/<name> [--cache_dir=cache] --out=results/<name>/component_filters.md
+
+Starts from the masks a run's evaluation scores (`<run_dir>/eval/summary.json` settings: its
+checkpoint, TTA, threshold and the post-processing tune_postprocess chose), predicts its
+validation and test studies again, and labels the 18-connected components of each mask (as
+metrics.py and autoPET count them). A component is a true-positive component when it touches a
+reference voxel, else a false-positive one. Two candidate filters, each dropping the components
+whose feature is below a cut:
+  prob_max     the component's highest tumour probability: a confidence filter (drop blobs the
+               network is unsure of everywhere);
+  ct_mean_hu   the mean CT density (HU) over the component: brown adipose tissue, the largest
+               source of false positives on the phantom, is fat on CT (the BARCIST 1.0 criteria
+               define it by CT density -190 to -10 HU with an SUV threshold; Chen et al., J Nucl
+               Med 2016;57:1429-1439), tumour is soft tissue.
+Each cut is chosen on the VALIDATION studies as tune_postprocess chooses (pooled Dice, "no
+filter" among the candidates, ties to the stricter cut), then scored on the test studies with
+metrics.case_metrics / summarise_cohort, the figures the evaluation reports. The report also
+gives the features' quantiles over the test studies' true- and false-positive components, the
+reason a filter works or not. Nothing here changes a run or its evaluations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import factory  # noqa: E402
+import runtime  # noqa: E402
+import test as evaluation  # noqa: E402
+from metrics import CONNECTIVITY_18, case_metrics, postprocess_mask, summarise_cohort  # noqa: E402
+
+FILTERS = {"prob_max": (0.9, 0.95, 0.98, 0.99), "ct_mean_hu": (-100.0, -60.0, -30.0)}
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75)
+
+
+def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray,
+                       ct: np.ndarray) -> dict[str, np.ndarray]:
+    """Per 18-connected component of `mask` (label order of scipy.ndimage.label): "voxels",
+    "tumour_voxels" (reference voxels inside it), "prob_max", "ct_mean_hu"."""
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_18)
+    index = np.arange(1, n + 1)
+    voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    tumour = np.bincount(labels[np.asarray(ref) > 0], minlength=n + 1)[1:]
+    if n == 0:
+        return {"voxels": voxels, "tumour_voxels": tumour, "prob_max": np.zeros(0),
+                "ct_mean_hu": np.zeros(0)}
+    return {"voxels": voxels, "tumour_voxels": tumour,
+            "prob_max": np.asarray(ndimage.maximum(prob, labels, index), np.float64),
+            "ct_mean_hu": np.asarray(ndimage.mean(np.asarray(ct, np.float64), labels, index))}
+
+
+def kept_counts(features: dict[str, np.ndarray], n_ref: int, name: str, cut: float
+                ) -> tuple[int, int, int]:
+    """(TP, FP, FN) voxels of one study after dropping the components whose `name` < cut."""
+    keep = features[name] >= cut if name else np.ones(len(features["voxels"]), bool)
+    tp = int(features["tumour_voxels"][keep].sum())
+    return tp, int(features["voxels"][keep].sum()) - tp, n_ref - tp
+
+
+def pooled_dice(counts: list[tuple[int, int, int]]) -> float:
+    tp, fp, fn = np.asarray(counts, np.int64).sum(axis=0)
+    return float(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn else 0.0
+
+
+def choose_cut(val: list[tuple[dict, int]], name: str) -> tuple[float, dict[float, float]]:
+    """The cut of FILTERS[name] (0 = no filter) with the highest pooled validation Dice; ties go
+    to the stricter cut (the later candidate), as tune_postprocess breaks them."""
+    scores = {0.0: pooled_dice([kept_counts(f, n, "", 0.0) for f, n in val])}
+    for cut in FILTERS[name]:
+        scores[cut] = pooled_dice([kept_counts(f, n, name, cut) for f, n in val])
+    best = max(scores.values())
+    return [c for c, s in scores.items() if s == best][-1], scores
+
+
+def _filtered(mask: np.ndarray, features: dict, name: str, cut: float) -> np.ndarray:
+    labels, _ = ndimage.label(mask, structure=CONNECTIVITY_18)
+    keep = features[name] >= cut if name else np.ones(len(features["voxels"]), bool)
+    return np.r_[False, keep][labels]
+
+
+def _test_row(test: list, name: str, cut: float, val_score: float, chosen: bool) -> dict:
+    """The test figures of one filter cut, as the evaluation reports them."""
+    rows = [case_metrics(_filtered(m, f, name, cut), r, s) for m, r, s, f in test]
+    cohort = summarise_cohort(rows, n_bootstrap=0)
+    return {"filter": name or "none (the run's evaluation)", "cut": cut,
+            "chosen_on_validation": chosen, "val_pooled_dice": val_score,
+            "test_dice": cohort["metrics"]["dice"]["mean"],
+            "test_fpv_ml_tumor_free": cohort["metrics"]["fpv_ml_tumor_free"]["mean"],
+            "lesion_recall": cohort["lesions"]["recall"]}
+
+
+def analyse(run_dir: Path, cache_dir: str | None) -> dict:
+    summary_path = run_dir / "eval" / "summary.json"
+    if not summary_path.is_file():
+        raise SystemExit(f"{summary_path} not found: evaluate the run first "
+                         f"(python test.py --run_dir={run_dir})")
+    settings = json.loads(summary_path.read_text())["settings"]
+    cfg = evaluation.run_config(run_dir, cache_dir)
+    device = torch.device("cpu")
+    model = evaluation.load_run_model(run_dir, cfg, settings["checkpoint"], device)
+    amp_dtype = runtime.resolve_amp(cfg.amp, device)
+    out: dict = {"run_dir": str(run_dir), "checkpoint": settings["checkpoint"],
+                 "tta": settings["tta"], "threshold": settings["threshold"],
+                 "postprocess": settings["postprocess"]}
+    subsets: dict[str, list] = {}
+    for subset in ("val", "test"):
+        items = []
+        for cached in evaluation.run_studies(run_dir, cfg, subset):
+            if cached.study_ref() is None:
+                raise SystemExit(f"study {cached.case_id} has no files to read its CT in HU from")
+            prob = evaluation.study_probabilities(model, cached, **factory.inference_options(cfg),
+                                                  device=device, amp_dtype=amp_dtype,
+                                                  tta=settings["tta"])
+            suv, ref, _ = evaluation.study_volumes(cached, cfg.suv_max)
+            spacing = evaluation.scoring_grid(cached)[0]
+            ct = data.load_study(cached.study_ref()).ct
+            mask = postprocess_mask(prob > settings["threshold"], spacing=spacing, suv=suv,
+                                    **settings["postprocess"])
+            items.append((mask, ref > 0, spacing, component_features(mask, ref, prob, ct)))
+        subsets[subset] = items
+    test = subsets["test"]
+    out["features"] = {}
+    for name in FILTERS:
+        tp = np.concatenate([f[name][f["tumour_voxels"] > 0] for *_, f in test])
+        fp = np.concatenate([f[name][f["tumour_voxels"] == 0] for *_, f in test])
+        q = QUANTILES
+        out["features"][name] = {
+            "tp_components": len(tp), "fp_components": len(fp),
+            "tp_quantiles": [float(np.quantile(tp, x)) for x in q] if len(tp) else [],
+            "fp_quantiles": [float(np.quantile(fp, x)) for x in q] if len(fp) else []}
+    val = [(f, int(r.sum())) for _, r, _, f in subsets["val"]]
+    out["filters"] = [_test_row(test, "", 0.0, pooled_dice([kept_counts(f, n, "", 0.0)
+                                                            for f, n in val]), False)]
+    out["chosen_on_validation"] = {}
+    for name in FILTERS:
+        chosen, scores = choose_cut(val, name)
+        out["chosen_on_validation"][name] = chosen
+        out["filters"] += [_test_row(test, name, cut, scores[cut], cut == chosen)
+                           for cut in FILTERS[name]]
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"Component filters on `{result['run_dir']}` (`python bench/component_filters.py`): "
+             f"its evaluation's masks (checkpoint {result['checkpoint']}, TTA {result['tta']}, "
+             f"threshold {result['threshold']:g}, post-processing {result['postprocess']}), "
+             "then the components whose feature is below a cut dropped. * marks the cut the "
+             "validation studies choose (pooled Dice, ties to the stricter cut); test figures "
+             "as the evaluation reports them.", "",
+             "| filter | cut | validation pooled Dice | test Dice | test FPV ml, tumour-free "
+             "| lesion recall |", "|---|---|---|---|---|---|"]
+    for row in result["filters"]:
+        cut = "" if row["filter"].startswith("none") else \
+            f"{row['cut']:g}{' *' if row['chosen_on_validation'] else ''}"
+        lines.append(f"| {row['filter']} | {cut} | {row['val_pooled_dice']:.4f} | "
+                     f"{row['test_dice']:.3f} | {row['test_fpv_ml_tumor_free']:.2f} | "
+                     f"{row['lesion_recall']:.2f} |")
+    for name, cut in result["chosen_on_validation"].items():
+        if cut == 0.0:
+            lines.append(f"\n{name}: the validation studies choose no filter (no cut scores "
+                         "higher than none).")
+    lines += ["", "Features of the test studies' components (count: quantiles "
+              + " / ".join(f"{q:g}" for q in QUANTILES) + "):", "",
+              "| feature | true-positive components | false-positive components |", "|---|---|---|"]
+    for name, f in result["features"].items():
+        fmt = "{:.3f}" if name == "prob_max" else "{:.0f}"
+        cells = [f"{n}: " + " / ".join(fmt.format(v) for v in values) for n, values in
+                 ((f["tp_components"], f["tp_quantiles"]), (f["fp_components"], f["fp_quantiles"]))]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run_dir", required=True)
+    parser.add_argument("--cache_dir", default=None, help="where the studies are prepared "
+                        "(test.py --cache_dir): for a run kept by bench/main_run.py")
+    parser.add_argument("--out", help="write the table here (.md) and the numbers beside it (.json)")
+    args = parser.parse_args(argv)
+    result = analyse(Path(args.run_dir), args.cache_dir)
+    text = to_markdown(result)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
