@@ -32,13 +32,15 @@ import torch
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "bench"):  # the project, and fp_by_organ's report writer
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import data  # noqa: E402
 import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
+from fp_by_organ import report  # noqa: E402
 from metrics import CONNECTIVITY_18, case_metrics, postprocess_mask, summarise_cohort  # noqa: E402
 
 FILTERS = {"prob_max": (0.9, 0.95, 0.98, 0.99), "ct_mean_hu": (-100.0, -60.0, -30.0)}
@@ -189,14 +191,7 @@ def main(argv: list[str]) -> None:
                         "(test.py --cache_dir): for a run kept by bench/main_run.py")
     parser.add_argument("--out", help="write the table here (.md) and the numbers beside it (.json)")
     args = parser.parse_args(argv)
-    result = analyse(Path(args.run_dir), args.cache_dir)
-    text = to_markdown(result)
-    print(text, end="")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    report(analyse(Path(args.run_dir), args.cache_dir), to_markdown, args.out)
 
 
 if __name__ == "__main__":

@@ -138,14 +138,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--reach", type=int, default=2)
     parser.add_argument("--out", help="write the table here (.md) and the numbers beside it (.json)")
     args = parser.parse_args(argv)
-    result = analyse(Path(args.run_dir), args.eval, args.reach)
-    text = to_markdown(result)
+    report(analyse(Path(args.run_dir), args.eval, args.reach), to_markdown, args.out)
+
+
+def report(result: dict, render, out: str | None) -> None:
+    """Print `render(result)` (markdown); with `out`, write it there and the numbers beside it
+    (.json)."""
+    text = render(result)
     print(text, end="")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
