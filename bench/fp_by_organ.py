@@ -2,6 +2,7 @@
 
     python bench/fp_by_organ.py --run_dir=runs/<name>                 # main.py's eval/ folder
     python bench/fp_by_organ.py --run_dir=runs/<name> --eval=eval-tta --out=results/<name>/fp_by_organ.md
+    python bench/fp_by_organ.py --run_dir=runs/<kept by bench/main_run.py> --cache_dir=cache
 
 Reads the masks an evaluation wrote (`<run_dir>/<eval>/predictions/<case>.nii.gz`: the
 post-processed ones when the run post-processes) and the organ labels of the run's test studies
@@ -36,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import config  # noqa: E402
 import test as evaluation  # noqa: E402
 from data.organs import ORGAN_LABELS  # noqa: E402
 from metrics import CONNECTIVITY_18  # noqa: E402
@@ -72,8 +72,11 @@ def study_fp(pred: np.ndarray, ref: np.ndarray, organs: np.ndarray, voxel_ml: fl
     return volume, components
 
 
-def analyse(run_dir: Path, eval_name: str = "eval", reach: int = 2) -> dict:
-    cfg = config.load_config(run_dir / "config.json")
+def analyse(run_dir: Path, eval_name: str = "eval", reach: int = 2,
+            cache_dir: str | None = None) -> dict:
+    """`cache_dir`: where the run's studies are prepared (test.py --cache_dir; None: the folder
+    the run recorded, which for a run kept by bench/main_run.py was a temporary one)."""
+    cfg = evaluation.run_config(run_dir, cache_dir)
     folder = run_dir / eval_name
     if not (folder / "predictions").is_dir():
         raise SystemExit(f"{folder}/predictions not found: evaluate the run first "
@@ -136,9 +139,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--run_dir", required=True)
     parser.add_argument("--eval", default="eval", help="evaluation folder of the run")
     parser.add_argument("--reach", type=int, default=2)
+    parser.add_argument("--cache_dir", default=None, help="where the studies are prepared "
+                        "(test.py --cache_dir): for a run kept by bench/main_run.py")
     parser.add_argument("--out", help="write the table here (.md) and the numbers beside it (.json)")
     args = parser.parse_args(argv)
-    report(analyse(Path(args.run_dir), args.eval, args.reach), to_markdown, args.out)
+    report(analyse(Path(args.run_dir), args.eval, args.reach, args.cache_dir), to_markdown,
+           args.out)
 
 
 def report(result: dict, render, out: str | None) -> None:

@@ -62,3 +62,9 @@ def test_the_table_of_a_tiny_run_adds_up_to_its_evaluation(tmp_path, fp_module):
     assert "| **all** |" in text and not math.isnan(result["rows"][0]["fpv_ml_free"])
     fp_module.main([f"--run_dir={run_dir}", f"--out={tmp_path / 'fp.md'}"])
     assert (tmp_path / "fp.md").read_text() == text
+    # a run whose recorded cache is gone (bench/main_run.py's temporary one): --cache_dir
+    # prepares its studies in the folder given, with the same result
+    other = tmp_path / "other-cache"
+    fp_module.main([f"--run_dir={run_dir}", f"--cache_dir={other}", f"--out={tmp_path / 'fp2.md'}"])
+    assert (tmp_path / "fp2.md").read_text() == text
+    assert any((other / "phantom").iterdir())
