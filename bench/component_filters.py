@@ -41,7 +41,8 @@ import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 from fp_by_organ import report  # noqa: E402
-from metrics import CONNECTIVITY_18, case_metrics, postprocess_mask, summarise_cohort  # noqa: E402
+from metrics import (CONNECTIVITY_18, case_metrics, choose_postprocessing,  # noqa: E402
+                     postprocess_mask, postprocess_objective, summarise_cohort)
 
 FILTERS = {"prob_max": (0.9, 0.95, 0.98, 0.99), "ct_mean_hu": (-100.0, -60.0, -30.0)}
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75)
@@ -50,51 +51,54 @@ QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75)
 def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray,
                        ct: np.ndarray) -> dict[str, np.ndarray]:
     """Per 18-connected component of `mask` (label order of scipy.ndimage.label): "voxels",
-    "tumour_voxels" (reference voxels inside it), "prob_max", "ct_mean_hu"."""
+    "tumour_voxels" (reference voxels inside it), "prob_max", "ct_mean_hu"; and "labels", the
+    label volume itself (what `filtered_mask` keeps components of)."""
     labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_18)
     index = np.arange(1, n + 1)
     voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     tumour = np.bincount(labels[np.asarray(ref) > 0], minlength=n + 1)[1:]
     if n == 0:
-        return {"voxels": voxels, "tumour_voxels": tumour, "prob_max": np.zeros(0),
-                "ct_mean_hu": np.zeros(0)}
-    return {"voxels": voxels, "tumour_voxels": tumour,
+        return {"labels": labels, "voxels": voxels, "tumour_voxels": tumour,
+                "prob_max": np.zeros(0), "ct_mean_hu": np.zeros(0)}
+    return {"labels": labels, "voxels": voxels, "tumour_voxels": tumour,
             "prob_max": np.asarray(ndimage.maximum(prob, labels, index), np.float64),
             "ct_mean_hu": np.asarray(ndimage.mean(np.asarray(ct, np.float64), labels, index))}
+
+
+def _keep(features: dict[str, np.ndarray], name: str, cut: float) -> np.ndarray:
+    """The components a filter keeps: `name` >= cut; every one for name "" (no filter)."""
+    return features[name] >= cut if name else np.ones(len(features["voxels"]), bool)
 
 
 def kept_counts(features: dict[str, np.ndarray], n_ref: int, name: str, cut: float
                 ) -> tuple[int, int, int]:
     """(TP, FP, FN) voxels of one study after dropping the components whose `name` < cut."""
-    keep = features[name] >= cut if name else np.ones(len(features["voxels"]), bool)
+    keep = _keep(features, name, cut)
     tp = int(features["tumour_voxels"][keep].sum())
     return tp, int(features["voxels"][keep].sum()) - tp, n_ref - tp
 
 
-def pooled_dice(counts: list[tuple[int, int, int]]) -> float:
-    tp, fp, fn = np.asarray(counts, np.int64).sum(axis=0)
-    return float(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn else 0.0
-
-
 def choose_cut(val: list[tuple[dict, int]], name: str) -> tuple[float, dict[float, float]]:
-    """The cut of FILTERS[name] (0 = no filter) with the highest pooled validation Dice; ties go
-    to the stricter cut (the later candidate), as tune_postprocess breaks them."""
-    scores = {0.0: pooled_dice([kept_counts(f, n, "", 0.0) for f, n in val])}
-    for cut in FILTERS[name]:
-        scores[cut] = pooled_dice([kept_counts(f, n, name, cut) for f, n in val])
-    best = max(scores.values())
-    return [c for c, s in scores.items() if s == best][-1], scores
+    """The cut of FILTERS[name] (0 = no filter) with the highest pooled validation Dice, by
+    metrics.choose_postprocessing over the one-axis grid (no filter, *cuts): ties go to the
+    stricter cut (the later candidate), as tune_postprocess breaks them. Returns (cut, the
+    pooled Dice of every candidate)."""
+    grid = {"cut": (0.0, *FILTERS[name])}
+    counts = np.array([[kept_counts(f, n, name if cut else "", cut) for cut in grid["cut"]]
+                       for f, n in val])  # (n_studies, n_candidates, 3)
+    chosen, _ = choose_postprocessing(counts, grid, "pooled_dice")
+    scores = postprocess_objective(counts, "pooled_dice")
+    return chosen["cut"], {cut: float(score) for cut, score in zip(grid["cut"], scores)}
 
 
-def _filtered(mask: np.ndarray, features: dict, name: str, cut: float) -> np.ndarray:
-    labels, _ = ndimage.label(mask, structure=CONNECTIVITY_18)
-    keep = features[name] >= cut if name else np.ones(len(features["voxels"]), bool)
-    return np.r_[False, keep][labels]
+def filtered_mask(features: dict, name: str, cut: float) -> np.ndarray:
+    """The study's mask with the components a filter drops removed."""
+    return np.r_[False, _keep(features, name, cut)][features["labels"]]
 
 
 def _test_row(test: list, name: str, cut: float, val_score: float, chosen: bool) -> dict:
     """The test figures of one filter cut, as the evaluation reports them."""
-    rows = [case_metrics(_filtered(m, f, name, cut), r, s) for m, r, s, f in test]
+    rows = [case_metrics(filtered_mask(f, name, cut), r, s) for r, s, f in test]
     cohort = summarise_cohort(rows, n_bootstrap=0)
     return {"filter": name or "none (the run's evaluation)", "cut": cut,
             "chosen_on_validation": chosen, "val_pooled_dice": val_score,
@@ -130,24 +134,26 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
             ct = data.load_study(cached.study_ref()).ct
             mask = postprocess_mask(prob > settings["threshold"], spacing=spacing, suv=suv,
                                     **settings["postprocess"])
-            items.append((mask, ref > 0, spacing, component_features(mask, ref, prob, ct)))
+            features = component_features(mask, ref, prob, ct)
+            if subset == "val":  # only counts are needed there, not the label volume
+                del features["labels"]
+            items.append((ref > 0, spacing, features))
         subsets[subset] = items
     test = subsets["test"]
     out["features"] = {}
     for name in FILTERS:
         tp = np.concatenate([f[name][f["tumour_voxels"] > 0] for *_, f in test])
         fp = np.concatenate([f[name][f["tumour_voxels"] == 0] for *_, f in test])
-        q = QUANTILES
         out["features"][name] = {
             "tp_components": len(tp), "fp_components": len(fp),
-            "tp_quantiles": [float(np.quantile(tp, x)) for x in q] if len(tp) else [],
-            "fp_quantiles": [float(np.quantile(fp, x)) for x in q] if len(fp) else []}
-    val = [(f, int(r.sum())) for _, r, _, f in subsets["val"]]
-    out["filters"] = [_test_row(test, "", 0.0, pooled_dice([kept_counts(f, n, "", 0.0)
-                                                            for f, n in val]), False)]
-    out["chosen_on_validation"] = {}
+            "tp_quantiles": [float(np.quantile(tp, q)) for q in QUANTILES] if len(tp) else [],
+            "fp_quantiles": [float(np.quantile(fp, q)) for q in QUANTILES] if len(fp) else []}
+    val = [(f, int(r.sum())) for r, _, f in subsets["val"]]
+    out["filters"], out["chosen_on_validation"] = [], {}
     for name in FILTERS:
         chosen, scores = choose_cut(val, name)
+        if not out["filters"]:  # the run's own masks: the no-filter candidate of every filter
+            out["filters"].append(_test_row(test, "", 0.0, scores[0.0], False))
         out["chosen_on_validation"][name] = chosen
         out["filters"] += [_test_row(test, name, cut, scores[cut], cut == chosen)
                            for cut in FILTERS[name]]
