@@ -146,7 +146,7 @@ def render(results: list[dict], command: str, commit: str) -> str:
                   "min ml, min SUVmax | test Dice | FPV tumour-free ml | lesion recall |",
                   "|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
-            marks = ("  (own)" if row["fraction"] == result["own_fraction"] else "") + \
+            marks = (" (own)" if row["fraction"] == result["own_fraction"] else "") + \
                 (" ←" if row["fraction"] == result["chosen_fraction"] else "")
             epochs = row["epochs"]
             span = f"{epochs[0]}-{epochs[-1]} ({len(epochs)})" if epochs else "?"
