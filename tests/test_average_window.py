@@ -69,7 +69,7 @@ def test_rows_are_the_runs_own_evaluations(tmp_path, aw):
     written = json.loads(out.with_suffix(".json").read_text())
     assert written["runs"] == json.loads(json.dumps(results))
     text = out.read_text()
-    assert "### aw" in text and "| 0.5 (own) |" in text and "←" in text
+    assert "### aw" in text and "| 0.5 (own)" in text and "←" in text
 
 
 def test_a_run_without_kept_weights_stops_before_evaluating(tmp_path, aw):
