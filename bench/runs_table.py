@@ -18,6 +18,15 @@ reference's row over the same test studies (post-processed masks; each study's v
 over the seeds both rows have; percentile bootstrap CI, 10000 resamples, and the Wilcoxon
 signed-rank p: sweep.compare_runs, the study's paired tests; with several seeds, how many of
 them share the sign of the difference). Runs whose test studies differ are refused.
+
+    python bench/runs_table.py --evidence=results/cpu2core/levers-1400 \\
+        --versus_n_train cpu_long_s3 cpu_long_d230_s3 ... --out=results/.../versus_n_train.md
+
+--versus_n_train: the named evidence folders, one recipe that differs in the number of studies
+alone (phantom_cases; seeds may differ), as a learning curve against the training set size:
+--out gets the table (per size: seeds, mean ± SD of Dice, false-positive volume and recall,
+raw / post-processed), with the rows as .csv and the curve as .png beside it. Folders of
+another recipe or other test studies are refused, naming what differs.
 """
 from __future__ import annotations
 
@@ -232,6 +241,87 @@ def table(evidence: Path, reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_training_studies(evidence: Path, names: list[str]) -> list[dict]:
+    """One row per evidence folder in `names`, sorted by training studies (split.json's "train")
+    then seed: test Dice, false-positive volume (tumour-free studies) and lesion recall, raw and
+    post-processed. The runs must be one recipe that differs in the number of studies alone
+    (phantom_cases; the seed may differ too) and be tested on the same studies: a learning curve
+    against the training set size, not a mix of configurations."""
+    runs = {}
+    for name in names:
+        if not (evidence / name / "config.json").is_file():
+            raise TableError(f"no evidence folder {evidence / name} (collect it first: "
+                             "--collect runs/NAME)")
+        runs[name] = _load(evidence / name)
+    first, base = names[0], None
+    rows = []
+    for name, run in runs.items():
+        fingerprint = sweep.settings_fingerprint(run["config"])
+        fingerprint.pop("phantom_cases", None)
+        if base is None:
+            base = fingerprint
+        elif fingerprint != base:
+            other = sorted(k for k in set(base) | set(fingerprint) if base.get(k) != fingerprint.get(k))
+            raise TableError(f"{evidence / name} differs from {first} in {', '.join(other)}, not only "
+                             "in the number of studies: a curve against training studies needs one "
+                             "recipe")
+        if run["cases"] != runs[first]["cases"]:
+            raise TableError(f"{evidence / name} was tested on other studies than {first}")
+        split = json.loads((evidence / name / "split.json").read_text())
+        raw = _figures(run["summary"])
+        post = _figures(run["summary"].get("postprocessed", run["summary"]))
+        rows.append({"run": name, "seed": run["config"]["seed"], "n_train": len(split["train"]),
+                     "dice_raw": raw[0], "dice_pp": post[0], "fpv_ml_raw": raw[1],
+                     "fpv_ml_pp": post[1], "recall_raw": raw[2], "recall_pp": post[2],
+                     "commit": sweep.short_commit(run["commit"])})
+    return sorted(rows, key=lambda r: (r["n_train"], r["seed"]))
+
+
+def versus_markdown(rows: list[dict], command: str) -> str:
+    """Per training set size: the seeds and mean ± SD of each figure, raw / post-processed."""
+    lines = [f"`{command}`: test figures against the number of training studies, one recipe "
+             "(mean ± SD over seeds; raw / post-processed masks).", "",
+             "| training studies | runs | seeds | Dice raw / pp | FPV tumour-free ml raw / pp | "
+             "lesion recall raw / pp | commit |", "|---|---|---|---|---|---|---|"]
+    for n in sorted({r["n_train"] for r in rows}):
+        group = [r for r in rows if r["n_train"] == n]
+
+        def cell(key: str, digits: int) -> str:
+            return (f"{_mean_sd([r[key + '_raw'] for r in group], digits)} / "
+                    f"{_mean_sd([r[key + '_pp'] for r in group], digits)}")
+
+        commits = ", ".join(f"`{c}`" for c in dict.fromkeys(r["commit"] for r in group))
+        lines.append(f"| {n} | {', '.join(r['run'] for r in group)} | "
+                     f"{', '.join(str(r['seed']) for r in group)} | {cell('dice', 3)} | "
+                     f"{cell('fpv_ml', 2)} | {cell('recall', 2)} | {commits} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_versus_training_studies(rows: list[dict], path: Path, title: str) -> None:
+    """Test Dice and false-positive volume against training studies: each seed a point, the
+    mean over seeds a line, raw and post-processed masks."""
+    from matplotlib.figure import Figure  # no pyplot: no global state
+
+    fig = Figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
+    sizes = sorted({r["n_train"] for r in rows})
+    for ax, key, label in ((axes[0], "dice", "test Dice (tumour studies)"),
+                           (axes[1], "fpv_ml", "FPV, tumour-free studies (ml)")):
+        for masks, style, colour in (("raw", "o-", "C0"), ("pp", "s--", "C1")):
+            column = f"{key}_{masks}"
+            ax.scatter([r["n_train"] for r in rows], [r[column] for r in rows], s=12, alpha=0.5,
+                       color=colour)
+            ax.plot(sizes, [statistics.fmean(r[column] for r in rows if r["n_train"] == n)
+                            for n in sizes], style, color=colour,
+                    label="raw (mean; dots: seeds)" if masks == "raw" else "post-processed")
+        ax.set(xlabel="training studies", ylabel=label, xticks=sizes)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--evidence", required=True, help="folder of evidence folders, one per run")
@@ -240,8 +330,28 @@ def main(argv: list[str] | None = None) -> int:
                     "(eval-last: test.py --checkpoint=last) into <evidence>/<run>.<eval>/")
     ap.add_argument("--reference", default=None, help="evidence folder name of the reference run")
     ap.add_argument("--out", default=None, help="write the table here (markdown)")
+    ap.add_argument("--versus_n_train", nargs="*", default=[],
+                    help="evidence folder names of one recipe run with different numbers of "
+                         "training studies: --out gets their table against the training set size "
+                         "(and a .png, .csv beside it)")
     args = ap.parse_args(argv)
     evidence = Path(args.evidence)
+    if args.versus_n_train:
+        if not args.out:
+            raise TableError("--versus_n_train needs --out=FILE.md (the .png and .csv go beside it)")
+        rows = versus_training_studies(evidence, args.versus_n_train)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python bench/runs_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        out.write_text(versus_markdown(rows, command))
+        with open(out.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_versus_training_studies(rows, out.with_suffix(".png"),
+                                     "test figures against training studies")
+        print(out.read_text())
+        return 0
     if args.collect:
         collect([Path(p) for p in args.collect], evidence, args.eval)
     if args.reference:

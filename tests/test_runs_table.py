@@ -232,3 +232,41 @@ def test_an_averaged_tta_evaluation_is_one_row_with_a_run_trained_so(tmp_path, r
     # paired on seed 0, the seed both rows have: study differences 0.2, 0.1, 0.0
     assert "| +0.100 [+0.000, +0.200], 0.5 |" in row
     assert any(r.startswith("| ref | reference | 0 | 2 / 30 |") for r in lines)
+
+
+def _sized_run(ev: Path, name: str, *, seed: int, n_train: int, dice: list[float],
+               changes: dict | None = None) -> None:
+    """fake_run with `n_train` training studies (split.json) of phantom_cases n_train + 100."""
+    fake_run(ev / name, epochs=3, dice=dice, fpv=[1.0, 2.0, 3.0], seed=seed)
+    path = ev / name / "config.json"
+    doc = json.loads(path.read_text())
+    doc["config"].update({"phantom_cases": n_train + 100, **(changes or {})})
+    path.write_text(json.dumps(doc))
+    split = json.loads((ev / name / "split.json").read_text())
+    split["train"] = [f"t{i}" for i in range(n_train)]
+    (ev / name / "split.json").write_text(json.dumps(split))
+
+
+def test_a_curve_against_training_studies(tmp_path, rt):
+    ev = tmp_path / "evidence"
+    _sized_run(ev, "small", seed=0, n_train=4, dice=[0.1, 0.2, 0.3])
+    _sized_run(ev, "big", seed=0, n_train=8, dice=[0.4, 0.5, 0.6])
+    _sized_run(ev, "big_s1", seed=1, n_train=8, dice=[0.6, 0.7, 0.8])
+    out = tmp_path / "curve" / "vs.md"
+    rt.main(["--evidence", str(ev), "--versus_n_train", "big_s1", "small", "big", "--out", str(out)])
+    rows = rt.versus_training_studies(ev, ["big_s1", "small", "big"])
+    assert [(r["run"], r["n_train"]) for r in rows] == [("small", 4), ("big", 8), ("big_s1", 8)]
+    assert [r["dice_raw"] for r in rows] == pytest.approx([0.2, 0.5, 0.7])
+    text = out.read_text()
+    # 8 studies: Dice 0.5 and 0.7 -> 0.600 ± 0.141 (raw = post-processed: no pp in the summary)
+    assert "| 8 | big, big_s1 | 0, 1 | 0.600 ± 0.141 / 0.600 ± 0.141 |" in text
+    assert "| 4 | small | 0 | 0.200 / 0.200 | 2.00 / 2.00 |" in text
+    with open(out.with_suffix(".csv"), newline="") as f:
+        assert [r["n_train"] for r in csv.DictReader(f)] == ["4", "8", "8"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    # a run of another recipe is refused, naming what differs
+    _sized_run(ev, "other", seed=2, n_train=8, dice=[0.4, 0.5, 0.6], changes={"lr": 0.001})
+    with pytest.raises(rt.TableError, match="differs from small in lr"):
+        rt.versus_training_studies(ev, ["small", "other"])
+    with pytest.raises(rt.TableError, match="no evidence folder"):
+        rt.versus_training_studies(ev, ["small", "missing"])
