@@ -32,8 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 import runtime  # noqa: E402
+import sweep  # noqa: E402 - the commit label of the tables
 
-FIGURES = (("dice", "Dice"), ("fpv_ml_tumor_free", "FPV ml"), ("recall", "recall"))
+FIGURES = ("dice", "fpv_ml_tumor_free", "recall")
 
 
 class WindowError(ValueError):
@@ -160,13 +161,13 @@ def render(results: list[dict], command: str, commit: str) -> str:
     lines += ["### The validation's choice against the run's own fraction (post-processed)", "",
               "| run | own F | chosen F | Δ test Dice | Δ FPV ml | Δ recall |",
               "|---|---|---|---|---|---|"]
-    deltas = {key: [] for key, _ in FIGURES}
+    deltas = {key: [] for key in FIGURES}
     for result in results:
         by_fraction = {r["fraction"]: r for r in result["rows"]}
         own, chosen = by_fraction.get(result["own_fraction"]), by_fraction[result["chosen_fraction"]]
         if own is None:
             continue
-        diff = {key: chosen["pp"][key] - own["pp"][key] for key, _ in FIGURES}
+        diff = {key: chosen["pp"][key] - own["pp"][key] for key in FIGURES}
         for key in diff:
             deltas[key].append(diff[key])
         lines.append(f"| {result['run']} | {result['own_fraction']:g} | "
@@ -201,8 +202,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/average_window.py " + " ".join(argv)
-    full = runtime.git_commit() or "unknown"
-    commit = full[:7] + ("+dirty" if full.endswith("+dirty") else "")
+    commit = sweep.short_commit(runtime.git_commit() or "unknown")
     out.write_text(render(results, command, commit))
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "commit": commit, "runs": results}, indent=1) + "\n")
