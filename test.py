@@ -488,7 +488,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              pp_thresholds: Optional[Sequence[float]] = None,
              pp_objective: Optional[str] = None,
              cache_dir: str | os.PathLike | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, reuse: bool = False) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
 
     Everything comes from `run_dir/config.json`; `checkpoint` (None: the run's own,
@@ -504,6 +504,11 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     (columns `pp_*`, summary "postprocessed") and is the one written. The folder (see the module docstring) gets per_case.csv, lesions.csv,
     summary.json, predictions/, overlays/, the agreement plots and report.html. Returns the
     summary, with "output_dir" and "status" (new / reproduced / differs).
+
+    `reuse=True` returns the summary already in this variant's folder (status "existing")
+    without loading a model or a study, and evaluates only when there is none: how the bench
+    scripts read back an earlier evaluation of the same checkpoint and settings without naming
+    its folder themselves (`variant_name` is the only place that knows the names).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -513,6 +518,9 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
     settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds, pp_objective)
     device = torch.device(settings["device"])
     name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
+    if reuse and (run_dir / name / "summary.json").is_file():
+        earlier = json.loads((run_dir / name / "summary.json").read_text())
+        return {**earlier, "output_dir": str(run_dir / name), "status": "existing"}
     seen: dict[str, str] = {}
     if data_dir is None:
         studies = run_studies(run_dir, cfg)

@@ -76,15 +76,12 @@ def run_settings(run_dir: Path) -> dict:
 def evaluate_fraction(run_dir: Path, cfg: dict, fraction: float, device: str | None,
                       cache_dir: str | None) -> dict:
     """The summary of the evaluation of the mean weights after `fraction` of the run: read from
-    its folder when there, else computed by test.evaluate (which writes that folder)."""
-    own = cfg.get("average_from", 0.0) == fraction
-    folder = run_dir / ("eval" if own else f"eval-average{fraction:g}")
-    if (folder / "summary.json").is_file():
-        return json.loads((folder / "summary.json").read_text())
-    import test  # torch, models, MedPy: only when something is evaluated
+    its folder when there (`eval/` for the run's own fraction, else `eval-average<F>/`, named
+    by test.py), else computed by test.evaluate (which writes that folder)."""
+    import test  # torch, models, MedPy
 
     return test.evaluate(run_dir, checkpoint="average", average_from=fraction, device=device,
-                         cache_dir=cache_dir, progress=False)
+                         cache_dir=cache_dir, progress=False, reuse=True)
 
 
 def _figures(cohort: dict) -> dict:

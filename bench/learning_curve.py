@@ -58,14 +58,10 @@ def evaluate_epoch(run_dir: Path, epoch: int, device: str | None = None,
                    cache_dir: str | None = None) -> dict:
     """The test figures of checkpoint epoch_<epoch>: its eval-epoch_<epoch>/summary.json when
     there, else test.evaluate (which writes that folder)."""
-    summary_path = run_dir / f"eval-epoch_{epoch}" / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-    else:
-        import test  # torch, models, MedPy: only when something is evaluated
+    import test  # torch, models, MedPy
 
-        summary = test.evaluate(run_dir, checkpoint=f"epoch_{epoch}", device=device,
-                                cache_dir=cache_dir, progress=False)
+    summary = test.evaluate(run_dir, checkpoint=f"epoch_{epoch}", device=device,
+                            cache_dir=cache_dir, progress=False, reuse=True)
     cohort = summary.get("postprocessed", summary)
     return {"test_dice": _nan(cohort["metrics"]["dice"]["mean"]),
             "test_fpv_ml_tumor_free": _nan(cohort["metrics"]["fpv_ml_tumor_free"]["mean"]),

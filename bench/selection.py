@@ -92,10 +92,9 @@ def test_values(run_dir: Path, epoch: int, device: str) -> tuple[dict, dict]:
     studies (post-processed figures when the run post-processes)."""
     import test
 
-    folder = run_dir / f"eval-epoch_{epoch}"
-    if not (folder / "summary.json").exists():
-        test.evaluate(run_dir, checkpoint=f"epoch_{epoch}", device=device, progress=False)
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = test.evaluate(run_dir, checkpoint=f"epoch_{epoch}", device=device, progress=False,
+                            reuse=True)
+    folder = Path(summary["output_dir"])
     post = "postprocessed" in summary
     cohort = summary["postprocessed"] if post else summary
     prefix = "pp_" if post else ""

@@ -317,6 +317,33 @@ def test_variants_get_their_own_folders_and_never_overwrite(tiny_run_dir, toy_mo
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name or "-tmp-" in p.name]
 
 
+def test_reuse_reads_the_variants_own_folder_and_evaluates_only_without_one(
+        tiny_run_dir, toy_models, monkeypatch):
+    import json
+
+    run_dir, _ = tiny_run_dir
+    first = evaluation.evaluate(run_dir, checkpoint="last", tta=True, progress=False)
+    folder = Path(first["output_dir"])
+    assert folder.name == "eval-last-tta"
+    stamp = (folder / "summary.json").stat().st_mtime_ns
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("reuse loaded a model for an evaluation that is already there")
+
+    monkeypatch.setattr(evaluation, "load_run_model", no_model)
+    again = evaluation.evaluate(run_dir, checkpoint="last", tta=True, progress=False,
+                                reuse=True)
+    assert again["status"] == "existing" and Path(again["output_dir"]) == folder
+    on_disk = json.loads((folder / "summary.json").read_text())
+    assert again["metrics"] == on_disk["metrics"]
+    assert again["metrics"]["dice"]["mean"] == pytest.approx(first["metrics"]["dice"]["mean"])
+    assert (folder / "summary.json").stat().st_mtime_ns == stamp
+    # another variant of the same checkpoint has no folder yet: reuse evaluates it
+    with pytest.raises(AssertionError, match="reuse loaded a model"):
+        evaluation.evaluate(run_dir, checkpoint="last", tta=True, threshold=0.35, progress=False,
+                            reuse=True)
+
+
 def test_run_studies_must_be_the_recorded_data(tiny_run_dir, toy_models, tmp_path):
     import json
     import shutil
