@@ -6,7 +6,7 @@ Starts from the masks a run's evaluation scores (`<run_dir>/eval/summary.json` s
 checkpoint, TTA, threshold and the post-processing tune_postprocess chose), predicts its
 validation and test studies again, and labels the 18-connected components of each mask (as
 metrics.py and autoPET count them). A component is a true-positive component when it touches a
-reference voxel, else a false-positive one. Two candidate filters, each dropping the components
+reference voxel, else a false-positive one. Candidate filters, each dropping the components
 whose feature is below a cut:
   prob_max     the component's highest tumour probability: a confidence filter (drop blobs the
                network is unsure of everywhere);
@@ -14,6 +14,13 @@ whose feature is below a cut:
                source of false positives on the phantom, is fat on CT (the BARCIST 1.0 criteria
                define it by CT density -190 to -10 HU with an SUV threshold; Chen et al., J Nucl
                Med 2016;57:1429-1439), tumour is soft tissue.
+  aux_background  (runs trained with an auxiliary head, --aux_target=organs or uptake) the mean
+               over the component of the head's background probability (inference.
+               predict_aux_background): the organ head learns to call lesion voxels background
+               and brown fat, bowel, the urinary tract "organ", so a component it calls organ
+               nearly everywhere is physiological uptake. The head is read at inference here
+               only, as an analysis: LesionTracer (Rokuss et al. 2024, arXiv:2409.09478), whose
+               organ head this is, drops it at inference, and so do test.py and predict.
 Each cut is chosen on the VALIDATION studies as tune_postprocess chooses (pooled Dice, "no
 filter" among the candidates, ties to the stricter cut), then scored on the test studies with
 metrics.case_metrics / summarise_cohort, the figures the evaluation reports. The report also
@@ -38,31 +45,38 @@ for folder in (ROOT, ROOT / "bench"):  # the project, and fp_by_organ's report w
 
 import data  # noqa: E402
 import factory  # noqa: E402
+import inference  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 from fp_by_organ import report  # noqa: E402
 from metrics import (CONNECTIVITY_18, case_metrics, choose_postprocessing,  # noqa: E402
                      postprocess_mask, postprocess_objective, summarise_cohort)
 
-FILTERS = {"prob_max": (0.9, 0.95, 0.98, 0.99), "ct_mean_hu": (-100.0, -60.0, -30.0)}
+FILTERS = {"prob_max": (0.9, 0.95, 0.98, 0.99), "ct_mean_hu": (-100.0, -60.0, -30.0),
+           "aux_background": (0.1, 0.25, 0.5, 0.75)}
+AUX_FILTERS = ("aux_background",)  # only for runs with an auxiliary head
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75)
 
 
-def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray,
-                       ct: np.ndarray) -> dict[str, np.ndarray]:
+def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray, ct: np.ndarray,
+                       aux_background: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per 18-connected component of `mask` (label order of scipy.ndimage.label): "voxels",
-    "tumour_voxels" (reference voxels inside it), "prob_max", "ct_mean_hu"; and "labels", the
-    label volume itself (what `filtered_mask` keeps components of)."""
+    "tumour_voxels" (reference voxels inside it), "prob_max", "ct_mean_hu", with
+    `aux_background` (the aux head's background probability, same grid) also its mean
+    "aux_background"; and "labels", the label volume itself (what `filtered_mask` keeps
+    components of)."""
     labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_18)
     index = np.arange(1, n + 1)
     voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     tumour = np.bincount(labels[np.asarray(ref) > 0], minlength=n + 1)[1:]
-    if n == 0:
-        return {"labels": labels, "voxels": voxels, "tumour_voxels": tumour,
-                "prob_max": np.zeros(0), "ct_mean_hu": np.zeros(0)}
-    return {"labels": labels, "voxels": voxels, "tumour_voxels": tumour,
-            "prob_max": np.asarray(ndimage.maximum(prob, labels, index), np.float64),
-            "ct_mean_hu": np.asarray(ndimage.mean(np.asarray(ct, np.float64), labels, index))}
+    features = {"labels": labels, "voxels": voxels, "tumour_voxels": tumour}
+    volumes = {"prob_max": (ndimage.maximum, prob), "ct_mean_hu": (ndimage.mean, ct)}
+    if aux_background is not None:
+        volumes["aux_background"] = (ndimage.mean, aux_background)
+    for name, (reduce, volume) in volumes.items():
+        features[name] = (np.asarray(reduce(np.asarray(volume, np.float64), labels, index),
+                                     np.float64) if n else np.zeros(0))
+    return features
 
 
 def _keep(features: dict[str, np.ndarray], name: str, cut: float) -> np.ndarray:
@@ -117,9 +131,16 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
     device = torch.device("cpu")
     model = evaluation.load_run_model(run_dir, cfg, settings["checkpoint"], device)
     amp_dtype = runtime.resolve_amp(cfg.amp, device)
-    out: dict = {"run_dir": str(run_dir), "checkpoint": settings["checkpoint"],
+    out: dict = {"run_dir": str(run_dir), "git_commit": runtime.git_commit(),
+                 "checkpoint": settings["checkpoint"],
                  "tta": settings["tta"], "threshold": settings["threshold"],
                  "postprocess": settings["postprocess"]}
+    with_aux = cfg.aux_target != "none"
+    if with_aux and cfg.inplane != "resize":
+        raise SystemExit(f"{run_dir}: the aux_background filter reads the head on the resize "
+                         f"path only; this run has inplane={cfg.inplane}")
+    names = [n for n in FILTERS if with_aux or n not in AUX_FILTERS]
+    out["aux_target"] = cfg.aux_target
     subsets: dict[str, list] = {}
     for subset in ("val", "test"):
         items = []
@@ -134,14 +155,22 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
             ct = data.load_study(cached.study_ref()).ct
             mask = postprocess_mask(prob > settings["threshold"], spacing=spacing, suv=suv,
                                     **settings["postprocess"])
-            features = component_features(mask, ref, prob, ct)
+            aux_bg = None
+            if with_aux:
+                options = {k: v for k, v in factory.inference_options(cfg).items()
+                           if k not in ("inplane", "overlap")}
+                aux_bg = inference.predict_aux_background(model, cached, **options, device=device,
+                                                          amp_dtype=amp_dtype, tta=settings["tta"])
+                if evaluation._on_original_grid(cached):
+                    aux_bg = cached.to_original(aux_bg, order=1)
+            features = component_features(mask, ref, prob, ct, aux_bg)
             if subset == "val":  # only counts are needed there, not the label volume
                 del features["labels"]
             items.append((ref > 0, spacing, features))
         subsets[subset] = items
     test = subsets["test"]
     out["features"] = {}
-    for name in FILTERS:
+    for name in names:
         tp = np.concatenate([f[name][f["tumour_voxels"] > 0] for *_, f in test])
         fp = np.concatenate([f[name][f["tumour_voxels"] == 0] for *_, f in test])
         out["features"][name] = {
@@ -150,7 +179,7 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
             "fp_quantiles": [float(np.quantile(fp, q)) for q in QUANTILES] if len(fp) else []}
     val = [(f, int(r.sum())) for r, _, f in subsets["val"]]
     out["filters"], out["chosen_on_validation"] = [], {}
-    for name in FILTERS:
+    for name in names:
         chosen, scores = choose_cut(val, name)
         if not out["filters"]:  # the run's own masks: the no-filter candidate of every filter
             out["filters"].append(_test_row(test, "", 0.0, scores[0.0], False))
@@ -161,7 +190,8 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"Component filters on `{result['run_dir']}` (`python bench/component_filters.py`): "
+    lines = [f"Component filters on `{result['run_dir']}` (`python bench/component_filters.py`, "
+             f"commit `{(result.get('git_commit') or 'unknown')[:12]}`): "
              f"its evaluation's masks (checkpoint {result['checkpoint']}, TTA {result['tta']}, "
              f"threshold {result['threshold']:g}, post-processing {result['postprocess']}), "
              "then the components whose feature is below a cut dropped. * marks the cut the "
@@ -183,7 +213,7 @@ def to_markdown(result: dict) -> str:
               + " / ".join(f"{q:g}" for q in QUANTILES) + "):", "",
               "| feature | true-positive components | false-positive components |", "|---|---|---|"]
     for name, f in result["features"].items():
-        fmt = "{:.3f}" if name == "prob_max" else "{:.0f}"
+        fmt = "{:.0f}" if name == "ct_mean_hu" else "{:.3f}"
         cells = [f"{n}: " + " / ".join(fmt.format(v) for v in values) for n, values in
                  ((f["tp_components"], f["tp_quantiles"]), (f["fp_components"], f["fp_quantiles"]))]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")

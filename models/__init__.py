@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .aux import AuxHead, attach_smp_aux_head, check_aux_classes
+from .aux import AuxHead, attach_smp_aux_head, aux_outputs, check_aux_classes
 from .baselines import BASELINES, build_baseline
 from .norm import convert_sync_bn, sync_bn_default
 from .transunet import OPTIONS, SPECS, TransUNet, TransUNetSpec
 from .weights import WeightsError, load_pretrained
 
 __all__ = ["build_model", "list_models", "WeightsError", "TransUNet", "TransUNetSpec", "AuxHead",
-           "convert_sync_bn", "sync_bn_default"]
+           "aux_outputs", "convert_sync_bn", "sync_bn_default"]
 
 
 def list_models() -> list[str]:

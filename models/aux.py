@@ -13,6 +13,9 @@ Output contract of a model built with aux_classes = K > 0:
     model.eval():   forward(x) -> (B, num_classes, S, S), the lesion logits only, identical to a
                     model without the head that has the same shared weights: validation,
                     evaluation, prediction and ONNX export do not change.
+    with aux_outputs(model): forward(x) -> (B, num_classes + K, S, S) in eval mode as well, for
+                    an analysis that reads the head at inference (bench/component_filters.py);
+                    nothing else does.
 
 smp models: the head reads the input of the model's `segmentation_head` (the decoder output)
 through a forward hook on that module and appends its logits to the head's output; smp's own
@@ -22,8 +25,9 @@ Where the decoder output is coarser than the input (FPN, DeepLabV3+, SegFormer, 
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,6 +44,13 @@ class AuxHead(nn.Conv2d):
 
     def __init__(self, in_channels: int, aux_classes: int):
         super().__init__(in_channels, aux_classes, kernel_size=3, padding=1)
+        self.in_eval = False  # set by aux_outputs(): append the aux logits in eval mode too
+
+    @property
+    def active(self) -> bool:
+        """Whether the model's forward appends this head's logits: in training, or inside
+        aux_outputs()."""
+        return self.training or self.in_eval
 
     def forward(self, features: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
         logits = super().forward(features)
@@ -59,10 +70,27 @@ def check_aux_classes(aux_classes: int) -> int:
 def _append_aux_logits(aux_head: AuxHead, head: nn.Module, args: tuple, output: torch.Tensor):
     """Forward hook of an smp segmentation_head: in training, cat the aux logits computed from
     the head's input (the decoder output) to its output along channels."""
-    if not aux_head.training:
+    if not aux_head.active:
         return output
     aux = aux_head(args[0], output.shape[-2:])
     return torch.cat([output, aux.to(output.dtype)], dim=1)
+
+
+@contextlib.contextmanager
+def aux_outputs(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `model` (built with aux_classes = K > 0) returns the lesion logits and
+    then the K aux logits in eval mode too, (B, num_classes + K, S, S), as in training; on exit
+    (also on an error) it returns the lesion logits alone again. A model without the head is a
+    ValueError naming the fix."""
+    head = getattr(model, "aux_head", None)
+    if not isinstance(head, AuxHead):
+        raise ValueError(f"{type(model).__name__} has no auxiliary head: it was built with "
+                         "aux_classes=0 (train with --aux_target=organs or uptake)")
+    head.in_eval = True
+    try:
+        yield model
+    finally:
+        head.in_eval = False
 
 
 def attach_smp_aux_head(model: nn.Module, aux_classes: int, name: str) -> nn.Module:

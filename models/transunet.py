@@ -236,6 +236,6 @@ class TransUNet(nn.Module):
         feat = tokens.transpose(1, 2).reshape(b, d, h, w)  # (B, D, h, w)
         decoded = self.decoder(feat, skips)  # (B, decoder_channels[-1], S, S)
         logits = self.segmentation_head(decoded)  # (B, num_classes, S, S)
-        if self.aux_head is not None and self.training:
+        if self.aux_head is not None and self.aux_head.active:
             return torch.cat([logits, self.aux_head(decoded)], dim=1)  # (B, num_classes + K, S, S)
         return logits

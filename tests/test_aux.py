@@ -219,6 +219,55 @@ def test_aux_head_changes_nothing_at_inference(name):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the aux loss reaches the shared decoder
 
 
+@pytest.mark.parametrize("name", ["transunet_tiny", "unet_resnet18"])
+def test_aux_outputs_reads_the_head_in_eval_mode(name):
+    from models import aux_outputs
+
+    torch.manual_seed(0)
+    model = build_model(name, img_size=64, aux_classes=5).eval()
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        lesion = model(x)
+        with aux_outputs(model):
+            both = model(x)
+        after = model(x)
+    assert both.shape == (2, 6, 64, 64) and lesion.shape == after.shape == (2, 1, 64, 64)
+    assert torch.equal(both[:, :1], lesion) and torch.equal(after, lesion)
+    with torch.no_grad():  # the aux channels are the head's: zero weights, bias -> the bias
+        model.aux_head.weight.zero_()
+        model.aux_head.bias.copy_(torch.arange(5.0))
+        with aux_outputs(model):
+            aux = model(x)[:, 1:]
+    assert torch.equal(aux, torch.arange(5.0).view(1, 5, 1, 1).expand(2, 5, 64, 64))
+    with pytest.raises(ValueError, match="aux_classes=0"):
+        with aux_outputs(build_model(name, img_size=64)):
+            pass
+
+
+def test_predict_aux_background_is_the_heads_class_0(tmp_path):
+    from inference import predict_aux_background, predict_volume
+
+    class Study:  # the cache's interface: (Z, 2, X, Y) float16 in [-1, 1]
+        case_id = "toy"
+
+        def image(self):
+            return np.random.default_rng(0).uniform(-1, 1, (5, 2, 40, 40)).astype(np.float16)
+
+    model = build_model("transunet_tiny", img_size=64, aux_classes=3)
+    with torch.no_grad():
+        model.aux_head.weight.zero_()
+        model.aux_head.bias.copy_(torch.tensor([2.0, 0.0, 1.0]))
+    expected = np.exp(2.0) / (np.exp(2.0) + 1 + np.exp(1.0))
+    for tta in (False, True):
+        bg = predict_aux_background(model, Study(), img_size=64, tta=tta)
+        assert bg.shape == (40, 40, 5) and np.allclose(bg, expected, atol=1e-6)
+    model.train()
+    predict_aux_background(model, Study(), img_size=64)
+    assert model.training  # the mode is restored
+    lesion = predict_volume(model.eval(), Study(), img_size=64)
+    assert lesion.shape == (40, 40, 5)  # prediction still sees the lesion channel alone
+
+
 def test_aux_head_checkpoints_and_errors(tmp_path):
     plain, with_aux = build_model("unet_resnet18", img_size=64), build_model("unet_resnet18", img_size=64, aux_classes=4)
     torch.save(plain.state_dict(), tmp_path / "plain.pt")

@@ -53,6 +53,27 @@ def test_component_features_are_hand_computed(cf):
     assert cf.kept_counts(empty, 0, "ct_mean_hu", -30.0) == (0, 0, 0)
 
 
+def test_aux_background_feature_is_the_component_mean(cf):
+    mask, ref, prob, ct = _volumes()
+    aux = np.full(mask.shape, 0.5, np.float32)
+    aux[1:3, 1:3, 1] = ((0.9, 0.7), (0.8, 0.6))  # component 1 (the lesion): mean 0.75
+    aux[6, 6:9, 3] = (0.05, 0.1, 0.15)  # component 2 (the fat blob): the head calls it organ
+    aux[10, 1, 5] = 0.3
+    f = cf.component_features(mask, ref, prob, ct, aux)
+    assert f["aux_background"] == pytest.approx([0.75, 0.1, 0.3])
+    assert "aux_background" not in cf.component_features(mask, ref, prob, ct)
+    n_ref = int(ref.sum())
+    assert cf.kept_counts(f, n_ref, "aux_background", 0.25) == (2, 3, 1)  # the blob dropped
+    assert cf.kept_counts(f, n_ref, "aux_background", 0.5) == (2, 2, 1)  # and the 0.3 voxel
+    assert cf.kept_counts(f, n_ref, "aux_background", 0.8) == (0, 0, 3)
+    # pooled Dice: none 4/11, 0.1 keeps all (the blob's mean is 0.1), 0.25 4/8, 0.5 4/7,
+    # 0.75 keeps the lesion (its mean is exactly 0.75) 4/7: the tie goes to the stricter 0.75
+    chosen, scores = cf.choose_cut([(f, n_ref)], "aux_background")
+    assert scores[0.1] == pytest.approx(4 / 11) and scores[0.25] == pytest.approx(4 / 8)
+    assert scores[0.5] == pytest.approx(4 / 7) and scores[0.75] == pytest.approx(4 / 7)
+    assert chosen == 0.75
+
+
 def test_the_cut_is_chosen_on_pooled_dice_with_ties_to_the_stricter(cf):
     mask, ref, prob, ct = _volumes()
     f = cf.component_features(mask, ref, prob, ct)
@@ -95,3 +116,22 @@ def test_the_unfiltered_row_is_the_runs_own_evaluation(tmp_path, cf):
     text = cf.to_markdown(result)
     cf.main([f"--run_dir={run_dir}", f"--out={tmp_path / 'cf.md'}"])
     assert (tmp_path / "cf.md").read_text() == text
+
+
+def test_runs_with_an_organ_head_get_the_aux_filter(tmp_path, cf):
+    import main
+
+    main.main(["--preset=tiny", f"--out_dir={tmp_path / 'runs'}", "--run_name=org",
+               f"--cache_dir={tmp_path / 'cache'}", "--save_overlays=False",
+               "--tune_postprocess=True", "--aux_target=organs"])
+    result = cf.analyse(tmp_path / "runs" / "org", None)
+    assert result["aux_target"] == "organs"
+    names = [r["filter"] for r in result["filters"][1:]]
+    assert names == ["prob_max"] * 4 + ["ct_mean_hu"] * 3 + ["aux_background"] * 4
+    none = result["filters"][0]
+    for row in result["filters"][1:]:
+        assert row["test_fpv_ml_tumor_free"] <= none["test_fpv_ml_tumor_free"] + 1e-12
+    assert result["chosen_on_validation"]["aux_background"] in (0.0, *cf.FILTERS["aux_background"])
+    quantiles = result["features"]["aux_background"]
+    assert all(0.0 <= q <= 1.0 for q in quantiles["tp_quantiles"] + quantiles["fp_quantiles"])
+    assert "| aux_background |" in cf.to_markdown(result)
