@@ -77,26 +77,29 @@ def predict_aux_background(model: torch.nn.Module, study: Any, *, img_size: int,
                            context_slices: int = 0) -> np.ndarray:
     """The auxiliary head's background probability of one study, slice by slice, on the path of
     `predict_volume` (the same inputs, resizing, autocast and flip TTA; probabilities averaged):
-    softmax over the K aux logits (`models.aux_outputs`), class 0, on the study's grid. For an
-    organ head that is "no organ here" (the phantom labels lesion voxels background), for an
-    uptake head "no physiological uptake". Used by analyses of the head (bench/component_filters.py);
-    evaluation and prediction never read the head. Returns (X, Y, Z) float32; a model without
-    the head is a ValueError (models.aux_outputs)."""
-    from models import aux_outputs
-
-    n_aux = getattr(getattr(model, "aux_head", None), "out_channels", 0)
+    softmax over the K aux logits, class 0, on the study's grid. For an organ head that is "no
+    organ here" (the phantom labels lesion voxels background), for an uptake head "no
+    physiological uptake". Call it inside `models.aux_outputs(model)`, which makes the eval-mode
+    forward return the aux logits after the lesion logits; evaluation and prediction never do
+    (bench/component_filters.py is the one caller). Returns (X, Y, Z) float32; a model without
+    the head, or one called outside aux_outputs, is a ValueError naming the fix."""
+    head = getattr(model, "aux_head", None)
+    n_aux = getattr(head, "out_channels", 0)
+    if not n_aux or not getattr(head, "in_eval", False):
+        raise ValueError("predict_aux_background needs a model with an auxiliary head, called "
+                         "inside models.aux_outputs(model)")
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (B, C, X, Y) -> (B, X, Y) probabilities
         out_hw = tuple(x.shape[-2:])
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            logits = model(to_model_grid(x, img_size))  # (B, 1 + K, S, S)
+            logits = model(to_model_grid(x, img_size))  # (B, num_classes + K, S, S)
         aux = logits[:, -n_aux:].float()  # the aux logits follow the lesion logits
         if not torch.isfinite(aux).all():
             raise NonFiniteError(f"non-finite aux logits under autocast {amp_dtype}")
         return torch.softmax(from_model_grid(aux, out_hw), dim=1)[:, 0]  # bilinear on logits
 
-    with _eval_mode(model), aux_outputs(model):
+    with _eval_mode(model):
         return _predict_slices(study, forward, batch_size=batch_size, device=device, tta=tta,
                                context_slices=context_slices, amp_dtype=amp_dtype)
 

@@ -46,6 +46,7 @@ for folder in (ROOT, ROOT / "bench"):  # the project, and fp_by_organ's report w
 import data  # noqa: E402
 import factory  # noqa: E402
 import inference  # noqa: E402
+from models import aux_outputs  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 from fp_by_organ import report  # noqa: E402
@@ -159,8 +160,10 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
             if with_aux:
                 options = {k: v for k, v in factory.inference_options(cfg).items()
                            if k not in ("inplane", "overlap")}
-                aux_bg = inference.predict_aux_background(model, cached, **options, device=device,
-                                                          amp_dtype=amp_dtype, tta=settings["tta"])
+                with aux_outputs(model):
+                    aux_bg = inference.predict_aux_background(
+                        model, cached, **options, device=device, amp_dtype=amp_dtype,
+                        tta=settings["tta"])
                 if evaluation._on_original_grid(cached):
                     aux_bg = cached.to_original(aux_bg, order=1)
             features = component_features(mask, ref, prob, ct, aux_bg)

@@ -246,6 +246,7 @@ def test_aux_outputs_reads_the_head_in_eval_mode(name):
 
 def test_predict_aux_background_is_the_heads_class_0(tmp_path):
     from inference import predict_aux_background, predict_volume
+    from models import aux_outputs
 
     class Study:  # the cache's interface: (Z, 2, X, Y) float16 in [-1, 1]
         case_id = "toy"
@@ -258,12 +259,15 @@ def test_predict_aux_background_is_the_heads_class_0(tmp_path):
         model.aux_head.weight.zero_()
         model.aux_head.bias.copy_(torch.tensor([2.0, 0.0, 1.0]))
     expected = np.exp(2.0) / (np.exp(2.0) + 1 + np.exp(1.0))
-    for tta in (False, True):
-        bg = predict_aux_background(model, Study(), img_size=64, tta=tta)
-        assert bg.shape == (40, 40, 5) and np.allclose(bg, expected, atol=1e-6)
-    model.train()
-    predict_aux_background(model, Study(), img_size=64)
-    assert model.training  # the mode is restored
+    with aux_outputs(model):
+        for tta in (False, True):
+            bg = predict_aux_background(model, Study(), img_size=64, tta=tta)
+            assert bg.shape == (40, 40, 5) and np.allclose(bg, expected, atol=1e-6)
+        model.train()
+        predict_aux_background(model, Study(), img_size=64)
+        assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="inside models.aux_outputs"):
+        predict_aux_background(model, Study(), img_size=64)
     lesion = predict_volume(model.eval(), Study(), img_size=64)
     assert lesion.shape == (40, 40, 5)  # prediction still sees the lesion channel alone
 
