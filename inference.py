@@ -30,17 +30,25 @@ class NonFiniteError(RuntimeError):
     user_error = True
 
 
-def _forward_probs(model: torch.nn.Module, x: torch.Tensor, out_hw: tuple[int, int],
-                   img_size: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """(B, C, X, Y) images -> (B, X, Y) float32 probabilities on the input grid."""
+def _forward_logits(model: torch.nn.Module, x: torch.Tensor, out_hw: tuple[int, int],
+                    img_size: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, C, X, Y) images -> (B, K, X, Y) float32 logits on the input grid (resized to
+    img_size² for the model, autocast with amp_dtype, bilinear back on the logits). A NaN or
+    infinite logit raises NonFiniteError: sigmoid / softmax would turn +-inf into a confident
+    1 / 0."""
     x = to_model_grid(x, img_size)  # (B, C, S, S)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits = model(x)  # (B, 1, S, S)
-    if not torch.isfinite(logits).all():  # sigmoid would turn +-inf into a confident 1 / 0
+        logits = model(x)  # (B, K, S, S)
+    if not torch.isfinite(logits).all():
         raise NonFiniteError(f"non-finite logits under autocast {amp_dtype}")
-    logits = from_model_grid(logits.float(), out_hw)  # (B, 1, X, Y), bilinear on logits
-    return torch.sigmoid(logits)[:, 0]
+    return from_model_grid(logits.float(), out_hw)  # (B, K, X, Y)
+
+
+def _forward_probs(model: torch.nn.Module, x: torch.Tensor, out_hw: tuple[int, int],
+                   img_size: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, C, X, Y) images -> (B, X, Y) float32 tumour probabilities on the input grid."""
+    return torch.sigmoid(_forward_logits(model, x, out_hw, img_size, amp_dtype))[:, 0]
 
 
 def predict_volume(model: torch.nn.Module, study: Any, *, img_size: int, batch_size: int = 32,
@@ -90,14 +98,8 @@ def predict_aux_background(model: torch.nn.Module, study: Any, *, img_size: int,
                          "inside models.aux_outputs(model)")
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (B, C, X, Y) -> (B, X, Y) probabilities
-        out_hw = tuple(x.shape[-2:])
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits = model(to_model_grid(x, img_size))  # (B, num_classes + K, S, S)
-        aux = logits[:, -n_aux:].float()  # the aux logits follow the lesion logits
-        if not torch.isfinite(aux).all():
-            raise NonFiniteError(f"non-finite aux logits under autocast {amp_dtype}")
-        return torch.softmax(from_model_grid(aux, out_hw), dim=1)[:, 0]  # bilinear on logits
+        logits = _forward_logits(model, x, tuple(x.shape[-2:]), img_size, amp_dtype)
+        return torch.softmax(logits[:, -n_aux:], dim=1)[:, 0]  # the aux logits come last
 
     with _eval_mode(model):
         return _predict_slices(study, forward, batch_size=batch_size, device=device, tta=tta,

@@ -162,13 +162,18 @@ def scoring_grid(cached: Any) -> tuple[tuple[float, float, float], np.ndarray]:
     return tuple(float(v) for v in cached.spacing), np.asarray(cached.affine, np.float64)
 
 
+def to_scoring_grid(cached: Any, volume: np.ndarray) -> np.ndarray:
+    """A probability volume (X, Y, Z) on the cache grid, on the study's scoring grid
+    (`scoring_grid`): mapped back linearly onto the study's own grid when the cache resampled it
+    (CachedStudy.to_original), else as it is."""
+    return cached.to_original(volume, order=1) if _on_original_grid(cached) else volume
+
+
 def study_probabilities(model: torch.nn.Module, cached: Any, **options: Any) -> np.ndarray:
     """Tumour probabilities (X, Y, Z) float32 on the study's scoring grid (`scoring_grid`):
     `inference.predict_study(model, cached, **options)` (options: factory.inference_options(cfg)
-    + device, amp_dtype, tta) on the cache grid, mapped back linearly onto the study's own grid
-    when the cache resampled it (CachedStudy.to_original)."""
-    prob = predict_study(model, cached, **options)  # (X, Y, Z) on the cache grid
-    return cached.to_original(prob, order=1) if _on_original_grid(cached) else prob
+    + device, amp_dtype, tta) on the cache grid, then `to_scoring_grid`."""
+    return to_scoring_grid(cached, predict_study(model, cached, **options))
 
 
 def own_checkpoint(cfg: config.Config) -> str:

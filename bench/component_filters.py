@@ -141,6 +141,8 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
         raise SystemExit(f"{run_dir}: the aux_background filter reads the head on the resize "
                          f"path only; this run has inplane={cfg.inplane}")
     names = [n for n in FILTERS if with_aux or n not in AUX_FILTERS]
+    aux_options = {k: v for k, v in factory.inference_options(cfg).items()
+                   if k not in ("inplane", "overlap")}  # predict_aux_background: resize path
     out["aux_target"] = cfg.aux_target
     subsets: dict[str, list] = {}
     for subset in ("val", "test"):
@@ -158,14 +160,10 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
                                     **settings["postprocess"])
             aux_bg = None
             if with_aux:
-                options = {k: v for k, v in factory.inference_options(cfg).items()
-                           if k not in ("inplane", "overlap")}
                 with aux_outputs(model):
-                    aux_bg = inference.predict_aux_background(
-                        model, cached, **options, device=device, amp_dtype=amp_dtype,
-                        tta=settings["tta"])
-                if evaluation._on_original_grid(cached):
-                    aux_bg = cached.to_original(aux_bg, order=1)
+                    aux_bg = evaluation.to_scoring_grid(cached, inference.predict_aux_background(
+                        model, cached, **aux_options, device=device, amp_dtype=amp_dtype,
+                        tta=settings["tta"]))
             features = component_features(mask, ref, prob, ct, aux_bg)
             if subset == "val":  # only counts are needed there, not the label volume
                 del features["labels"]

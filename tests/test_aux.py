@@ -244,7 +244,7 @@ def test_aux_outputs_reads_the_head_in_eval_mode(name):
             pass
 
 
-def test_predict_aux_background_is_the_heads_class_0(tmp_path):
+def test_predict_aux_background_is_the_heads_class_0():
     from inference import predict_aux_background, predict_volume
     from models import aux_outputs
 
