@@ -7,13 +7,20 @@ checkpoint, TTA, threshold and the post-processing tune_postprocess chose), pred
 validation and test studies again, and labels the 18-connected components of each mask (as
 metrics.py and autoPET count them). A component is a true-positive component when it touches a
 reference voxel, else a false-positive one. Candidate filters, each dropping the components
-whose feature is below a cut:
+whose feature is below a cut (ct_core_hu: within a density window, see there):
   prob_max     the component's highest tumour probability: a confidence filter (drop blobs the
                network is unsure of everywhere);
   ct_mean_hu   the mean CT density (HU) over the component: brown adipose tissue, the largest
                source of false positives on the phantom, is fat on CT (the BARCIST 1.0 criteria
                define it by CT density -190 to -10 HU with an SUV threshold; Chen et al., J Nucl
                Med 2016;57:1429-1439), tumour is soft tissue.
+  ct_core_hu   the mean CT density over the component's hot core (its voxels with SUV >= 70 % of
+               the component's SUVmax): the same criterion on the voxels that made the component
+               hot, so that a small node in fat or a nodule in lung, whose component reaches
+               into the fat or lung around it, is judged by its own density. This filter is a
+               window, not a floor: it drops a component whose core lies within the BARCIST
+               brown-fat range, -190 HU up to the cut (BARCIST's upper bound is -10 HU), and
+               keeps denser cores (soft tissue, bone) and lung-dense ones (< -190 HU) alike.
   aux_background  (runs trained with an auxiliary head, --aux_target=organs or uptake) the mean
                over the component of the head's background probability (inference.
                predict_aux_background): the organ head learns to call lesion voxels background
@@ -54,18 +61,26 @@ from metrics import (CONNECTIVITY_18, case_metrics, choose_postprocessing,  # no
                      postprocess_mask, postprocess_objective, summarise_cohort)
 
 FILTERS = {"prob_max": (0.9, 0.95, 0.98, 0.99), "ct_mean_hu": (-100.0, -60.0, -30.0),
-           "aux_background": (0.1, 0.25, 0.5, 0.75)}
+           "ct_core_hu": (-60.0, -30.0, -10.0), "aux_background": (0.1, 0.25, 0.5, 0.75)}
+# How a filter reads its cut: "floor" drops the components whose feature is below it;
+# "fat_window" drops those whose feature lies in [FAT_HU_LOW, cut] (BARCIST 1.0's brown-fat
+# density range is -190 to -10 HU: Chen et al., J Nucl Med 2016;57:1429-1439).
+WINDOW_FILTERS = ("ct_core_hu",)
+FAT_HU_LOW = -190.0
+CORE_FRACTION = 0.7  # ct_core_hu: the core is the component's voxels with SUV >= this x SUVmax
 AUX_FILTERS = ("aux_background",)  # only for runs with an auxiliary head
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75)
 
 
 def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray, ct: np.ndarray,
-                       aux_background: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                       aux_background: np.ndarray | None = None,
+                       suv: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per 18-connected component of `mask` (label order of scipy.ndimage.label): "voxels",
     "tumour_voxels" (reference voxels inside it), "prob_max", "ct_mean_hu", with
     `aux_background` (the aux head's background probability, same grid) also its mean
-    "aux_background"; and "labels", the label volume itself (what `filtered_mask` keeps
-    components of)."""
+    "aux_background", with `suv` (same grid) also "ct_core_hu", the mean CT over the voxels
+    with SUV >= CORE_FRACTION x the component's SUVmax; and "labels", the label volume itself
+    (what `filtered_mask` keeps components of)."""
     labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_18)
     index = np.arange(1, n + 1)
     voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -77,12 +92,32 @@ def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray, ct: 
     for name, (reduce, volume) in volumes.items():
         features[name] = (np.asarray(reduce(np.asarray(volume, np.float64), labels, index),
                                      np.float64) if n else np.zeros(0))
+    if suv is not None:
+        features["ct_core_hu"] = _core_mean(labels, n, np.asarray(suv, np.float64),
+                                            np.asarray(ct, np.float64))
     return features
 
 
+def _core_mean(labels: np.ndarray, n: int, suv: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """Per component 1..n: the mean of `ct` over its voxels with suv >= CORE_FRACTION x its
+    own SUVmax (never empty: the SUVmax voxel itself qualifies)."""
+    if not n:
+        return np.zeros(0)
+    suv_max = np.r_[0.0, ndimage.maximum(suv, labels, np.arange(1, n + 1))]
+    core = (labels > 0) & (suv >= CORE_FRACTION * suv_max[labels])
+    total = np.bincount(labels[core], weights=ct[core], minlength=n + 1)[1:]
+    count = np.bincount(labels[core], minlength=n + 1)[1:]
+    return total / count
+
+
 def _keep(features: dict[str, np.ndarray], name: str, cut: float) -> np.ndarray:
-    """The components a filter keeps: `name` >= cut; every one for name "" (no filter)."""
-    return features[name] >= cut if name else np.ones(len(features["voxels"]), bool)
+    """The components a filter keeps: `name` >= cut, or for a window filter `name` outside
+    [FAT_HU_LOW, cut]; every one for name "" (no filter)."""
+    if not name:
+        return np.ones(len(features["voxels"]), bool)
+    if name in WINDOW_FILTERS:
+        return (features[name] < FAT_HU_LOW) | (features[name] > cut)
+    return features[name] >= cut
 
 
 def kept_counts(features: dict[str, np.ndarray], n_ref: int, name: str, cut: float
@@ -164,7 +199,7 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
                     aux_bg = evaluation.to_scoring_grid(cached, inference.predict_aux_background(
                         model, cached, **aux_options, device=device, amp_dtype=amp_dtype,
                         tta=settings["tta"]))
-            features = component_features(mask, ref, prob, ct, aux_bg)
+            features = component_features(mask, ref, prob, ct, aux_bg, suv)
             if subset == "val":  # only counts are needed there, not the label volume
                 del features["labels"]
             items.append((ref > 0, spacing, features))
@@ -195,7 +230,8 @@ def to_markdown(result: dict) -> str:
              f"commit `{(result.get('git_commit') or 'unknown')[:12]}`): "
              f"its evaluation's masks (checkpoint {result['checkpoint']}, TTA {result['tta']}, "
              f"threshold {result['threshold']:g}, post-processing {result['postprocess']}), "
-             "then the components whose feature is below a cut dropped. * marks the cut the "
+             "then the components whose feature is below a cut dropped (ct_core_hu: whose "
+             f"core density lies in [{FAT_HU_LOW:g} HU, cut]). * marks the cut the "
              "validation studies choose (pooled Dice, ties to the stricter cut); test figures "
              "as the evaluation reports them.", "",
              "| filter | cut | validation pooled Dice | test Dice | test FPV ml, tumour-free "
@@ -214,7 +250,7 @@ def to_markdown(result: dict) -> str:
               + " / ".join(f"{q:g}" for q in QUANTILES) + "):", "",
               "| feature | true-positive components | false-positive components |", "|---|---|---|"]
     for name, f in result["features"].items():
-        fmt = "{:.0f}" if name == "ct_mean_hu" else "{:.3f}"
+        fmt = "{:.0f}" if name.startswith("ct_") else "{:.3f}"
         cells = [f"{n}: " + " / ".join(fmt.format(v) for v in values) for n, values in
                  ((f["tp_components"], f["tp_quantiles"]), (f["fp_components"], f["fp_quantiles"]))]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")

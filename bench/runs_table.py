@@ -34,6 +34,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -81,6 +82,11 @@ def _load(folder: Path) -> dict:
     # averaged checkpoint ("average0.75") is checkpoint=average with its average_from, whether
     # the run was trained with --average_from or evaluated so later (test.py --average_from)
     scored = summary.get("settings", {}).get("checkpoint", "best")
+    # weights whose BatchNorm statistics bench/precise_bn.py re-estimated: "bn<N>-<source>"
+    # is the source checkpoint with bn_reestimate=N (a setting only such rows have)
+    reestimated = re.fullmatch(r"bn(\d+)-(.+)", scored)
+    if reestimated:
+        settings["bn_reestimate"], scored = int(reestimated[1]), reestimated[2]
     settings["checkpoint"] = "average" if scored.startswith("average") else scored
     settings["average_from"] = float(scored[7:]) if scored.startswith("average") else 0.0
     # and whether it predicted with flip TTA (test.py --tta)
@@ -153,6 +159,8 @@ def _best_epoch(run: dict) -> str:
     averaged = run["summary"].get("settings", {}).get("averaged_epochs")
     if run["config"]["checkpoint"] == "average" and averaged:
         return f"mean of {averaged[0]}-{averaged[-1]}"
+    if run["config"]["checkpoint"] == "average":  # the summary of a re-estimated average
+        return f"mean after {run['config']['average_from']:g} of the steps"
     validated = [h for h in run["history"] if h.get("val_pseudo_dice") is not None]
     if not validated:
         return "—"

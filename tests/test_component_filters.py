@@ -53,6 +53,29 @@ def test_component_features_are_hand_computed(cf):
     assert cf.kept_counts(empty, 0, "ct_mean_hu", -30.0) == (0, 0, 0)
 
 
+def test_core_density_is_read_on_the_hot_core_and_filtered_as_a_fat_window(cf):
+    mask, ref, prob, ct = _volumes()
+    suv = np.zeros(mask.shape, np.float32)
+    suv[1:3, 1:3, 1] = ((10.0, 8.0), (6.0, 2.0))  # core >= 7: the 10 and 8 voxels (40 HU)
+    ct[2, 2, 1] = -100.0  # the cold edge of the lesion reaches into fat: outside the core
+    suv[6, 6:9, 3] = (5.0, 4.0, 3.0)  # core >= 3.5: -80 and -90 HU
+    suv[10, 1, 5] = 2.0
+    f = cf.component_features(mask, ref, prob, ct, suv=suv)
+    assert f["ct_mean_hu"] == pytest.approx([(40.0 * 3 - 100.0) / 4, -90.0, 30.0])
+    assert f["ct_core_hu"] == pytest.approx([40.0, -85.0, 30.0])
+    assert "ct_core_hu" not in cf.component_features(mask, ref, prob, ct)
+    n_ref = int(ref.sum())
+    # the window [-190, cut] drops the brown-fat-like blob at every cut and nothing else ...
+    for cut in cf.FILTERS["ct_core_hu"]:
+        assert cf.kept_counts(f, n_ref, "ct_core_hu", cut) == (2, 3, 1)
+    # ... keeps a lung-dense core (below -190 HU) and drops a core at the cut itself
+    f["ct_core_hu"] = np.array([-400.0, -10.0, 30.0])
+    assert cf.kept_counts(f, n_ref, "ct_core_hu", -10.0) == (2, 3, 1)
+    assert cf.kept_counts(f, n_ref, "ct_core_hu", -30.0) == (2, 6, 1)
+    empty = cf.component_features(*(np.zeros((4, 4, 4)),) * 4, suv=np.zeros((4, 4, 4)))
+    assert empty["ct_core_hu"].shape == (0,)
+
+
 def test_aux_background_feature_is_the_component_mean(cf):
     mask, ref, prob, ct = _volumes()
     aux = np.full(mask.shape, 0.5, np.float32)
@@ -109,7 +132,7 @@ def test_the_unfiltered_row_is_the_runs_own_evaluation(tmp_path, cf):
         scored["metrics"]["fpv_ml_tumor_free"]["mean"], nan_ok=True)
     assert none["lesion_recall"] == pytest.approx(scored["lesions"]["recall"], nan_ok=True)
     assert [r["filter"] for r in result["filters"][1:]] == \
-        ["prob_max"] * 4 + ["ct_mean_hu"] * 3
+        ["prob_max"] * 4 + ["ct_mean_hu"] * 3 + ["ct_core_hu"] * 3
     for row in result["filters"][1:]:  # dropping components never adds a false positive or a find
         assert row["test_fpv_ml_tumor_free"] <= none["test_fpv_ml_tumor_free"] + 1e-12
         assert row["lesion_recall"] <= none["lesion_recall"] + 1e-12
@@ -127,7 +150,8 @@ def test_runs_with_an_organ_head_get_the_aux_filter(tmp_path, cf):
     result = cf.analyse(tmp_path / "runs" / "org", None)
     assert result["aux_target"] == "organs"
     names = [r["filter"] for r in result["filters"][1:]]
-    assert names == ["prob_max"] * 4 + ["ct_mean_hu"] * 3 + ["aux_background"] * 4
+    assert names == ["prob_max"] * 4 + ["ct_mean_hu"] * 3 + ["ct_core_hu"] * 3 + \
+        ["aux_background"] * 4
     none = result["filters"][0]
     for row in result["filters"][1:]:
         assert row["test_fpv_ml_tumor_free"] <= none["test_fpv_ml_tumor_free"] + 1e-12

@@ -146,6 +146,32 @@ def test_the_last_weights_evaluation_is_its_own_row(tmp_path, rt):
         rt.collect([runs / "ref"], tmp_path / "other", "eval-tta")
 
 
+def test_weights_with_reestimated_batchnorm_are_their_source_plus_bn_reestimate(tmp_path, rt):
+    """bench/precise_bn.py's evaluations (checkpoint "bn<N>-<source>") are a row of their own:
+    the source's checkpoint settings plus bn_reestimate=N, at the source's epoch."""
+    runs, ev = tmp_path / "runs", tmp_path / "evidence"
+    fake_run(runs / "ref", epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0])
+    other = tmp_path / "other"
+    fake_run(other, epochs=3, dice=[0.3, 0.5, 0.7], fpv=[1.0, 2.0, 3.0])
+    for checkpoint in ("bn100-best", "bn250-average0.75"):
+        folder = runs / "ref" / f"eval-{checkpoint}"
+        folder.mkdir()
+        summary = json.loads((other / "eval" / "summary.json").read_text())
+        summary["settings"] = {"checkpoint": checkpoint}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        for name in ("per_case.csv", "lesions.csv"):
+            (folder / name).write_text((other / "eval" / name).read_text())
+    rt.main(["--evidence", str(ev), "--collect", str(runs / "ref")])
+    for checkpoint in ("bn100-best", "bn250-average0.75"):
+        rt.main(["--evidence", str(ev), "--collect", str(runs / "ref"), "--eval", f"eval-{checkpoint}"])
+    lines = rt.table(ev, "ref").splitlines()
+    best = next(r for r in lines if r.startswith("| ref.eval-bn100-best |"))
+    assert "| bn_reestimate=100 | 0 |" in best and "| +0.100 [+0.100, +0.100]" in best
+    averaged = next(r for r in lines if r.startswith("| ref.eval-bn250-average0.75 |"))
+    assert "average_from=0.75, bn_reestimate=250, checkpoint=average |" in averaged
+    assert "| mean after 0.75 of the steps / 30 |" in averaged
+
+
 def test_an_evaluation_over_other_pp_thresholds_is_its_own_row(tmp_path, rt):
     """test.py --pp_thresholds tunes post-processing over other thresholds: the summary's
     settings say so, and that evaluation is a row of its own beside the run's own one."""
