@@ -231,7 +231,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # add --aux_target=organs where the data has organ labels. With 200 training studies
     # (--phantom_cases=230, four seeds, results/cpu_long_d230_s0 ... _s3, 58-65 min) 0.652 +- 0.010
     # raw / 0.627 +- 0.016 post-processed (paired -0.014 [-0.068, +0.029], p 0.63): the raw masks
-    # above 0.65, the post-processed ones below; the preset keeps 100.
+    # above 0.65, the post-processed ones below; the preset keeps 100. Their weights with
+    # --pp_objective=mean_dice: 0.659 +- 0.009 post-processed at FPV 1.93 ml (1.21 pooled).
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=64,
                      steps_per_epoch=250, warmup_steps=100, val_every=2, tune_postprocess=True,
                      keep_epoch_checkpoints=True, average_from=0.75, tta=True),
