@@ -86,6 +86,7 @@ def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray, ct: 
     voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     tumour = np.bincount(labels[np.asarray(ref) > 0], minlength=n + 1)[1:]
     features = {"labels": labels, "voxels": voxels, "tumour_voxels": tumour}
+    ct = np.asarray(ct, np.float64)
     volumes = {"prob_max": (ndimage.maximum, prob), "ct_mean_hu": (ndimage.mean, ct)}
     if aux_background is not None:
         volumes["aux_background"] = (ndimage.mean, aux_background)
@@ -93,8 +94,7 @@ def component_features(mask: np.ndarray, ref: np.ndarray, prob: np.ndarray, ct: 
         features[name] = (np.asarray(reduce(np.asarray(volume, np.float64), labels, index),
                                      np.float64) if n else np.zeros(0))
     if suv is not None:
-        features["ct_core_hu"] = _core_mean(labels, n, np.asarray(suv, np.float64),
-                                            np.asarray(ct, np.float64))
+        features["ct_core_hu"] = _core_mean(labels, n, np.asarray(suv, np.float64), ct)
     return features
 
 

@@ -32,6 +32,7 @@ Nothing else of the run is touched; `python test.py` does not read the new file 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -49,19 +50,6 @@ import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 
 
-class _Images(torch.utils.data.IterableDataset):
-    """The first `n` batches of a DataLoader, images only (what update_bn forwards)."""
-
-    def __init__(self, loader, n: int):
-        self.loader, self.n = loader, n
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                return
-            yield batch[0]
-
-
 def bn_modules(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
@@ -75,9 +63,11 @@ def reestimate(model: torch.nn.Module, cfg, studies: list, batches: int,
     train_set.set_epoch(cfg.epochs)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False,
                                          num_workers=0)
-    n = min(batches, len(loader))
-    with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        update_bn(_Images(loader, n), model)
+    # update_bn forwards the first element of each (image, mask[, aux]) batch; it builds no
+    # graph worth keeping, so no autograd
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
+                                         enabled=amp_dtype is not None):
+        update_bn(itertools.islice(loader, batches), model)
     model.eval()
 
 
