@@ -158,8 +158,11 @@ class Config:
     pp_thresholds: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # tune_postprocess: the threshold axis
     # tune_postprocess chooses by: pooled_dice = the Dice of all validation voxels pooled;
     # mean_dice = the mean of the tumour studies' own Dice, the figure the evaluation reports
+    # mean_dice_fpv = mean_dice among the settings whose mean false-positive volume on the
+    # tumour-free validation studies is <= pp_max_fpv_ml (the lowest volume where none is)
     # (metrics.postprocess_objective; docs/evaluation.md, "Post-processing")
     pp_objective: str = "pooled_dice"
+    pp_max_fpv_ml: float = 1.0  # pp_objective=mean_dice_fpv: the limit, ml per tumour-free study
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     save_overlays: bool = True
     # learning curves: after every validation also checkpoints/epoch_<k>.pt, the weights alone
@@ -318,7 +321,7 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "schedule": ("cosine", "poly", "constant"),
     "select_by": ("pseudo_dice", "tuned_pseudo_dice"),
-    "pp_objective": ("pooled_dice", "mean_dice"),
+    "pp_objective": ("pooled_dice", "mean_dice", "mean_dice_fpv"),
     "fg_sampling": ("slice", "lesion"),
     "amp": ("auto", "True", "False", "bf16", "fp16"),
     "channels_last": ("auto", "True", "False"),
@@ -348,6 +351,7 @@ RANGES = {
     "tversky_gamma": (0.0, None, False, True), "bce_pos_weight": (0.0, None, False, True),
     "min_component_ml": (0.0, None, True, True), "suv_floor": (0.0, None, True, True),
     "min_component_suvmax": (0.0, None, True, True),
+    "pp_max_fpv_ml": (0.0, None, True, True),
     "uptake_suv": (0.0, None, False, True), "p_misalign": (0.0, 1.0, True, True),
     "ema_decay": (0.0, 1.0, True, False),
     "average_from": (0.0, 1.0, True, False),

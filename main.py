@@ -115,6 +115,9 @@ def main(argv: list[str]) -> dict:
     runtime.setup_logging(run_dir, rank=rank)
     runtime.seed_everything(cfg.seed, deterministic=cfg.deterministic)
     manifest = prepare(cfg, run_dir, rank)
+    if cfg.tune_postprocess:  # what the evaluation will choose by, checked before training
+        test.check_tuning_studies(cfg.pp_objective, [len(s.fg_slices) > 0 for s in
+                                                     manifest.subset("val")], "the validation studies")
 
     model = factory.build_model(cfg, pretrained=cfg.pretrained)
     loss_fn = factory.build_loss(cfg)

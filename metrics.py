@@ -429,12 +429,42 @@ def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
     return counts
 
 
-PP_OBJECTIVES = ("pooled_dice", "mean_dice")  # config pp_objective
+PP_OBJECTIVES = ("pooled_dice", "mean_dice", "mean_dice_fpv")  # config pp_objective
 
 
-def postprocess_objective(counts: np.ndarray, objective: str = "pooled_dice") -> np.ndarray:
+def _study_dice(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tumour, dice): which studies of `counts` (n_studies, *grid, 3) have tumour (TP + FN, the
+    study's tumour voxels, > 0) and the Dice 2TP / (2TP + FP + FN) of those studies, per grid
+    combination (n_tumour_studies, *grid)."""
+    tp, fp, fn = np.moveaxis(counts, -1, 0)
+    tumour = (tp + fn).reshape(len(counts), -1)[:, 0] > 0
+    tp, fp, fn = tp[tumour], fp[tumour], fn[tumour]
+    return tumour, 2 * tp / (2 * tp + fp + fn)
+
+
+def tumour_free_fpv_ml(counts: np.ndarray, voxel_ml: Sequence[float]) -> np.ndarray:
+    """The mean false-positive volume in ml over the tumour-free studies of `counts`
+    (n_studies, *grid, 3), per grid combination: on a tumour-free study every predicted voxel
+    is a false positive, so this is the evaluation's `fpv_ml_tumor_free` for each setting.
+    voxel_ml: each study's voxel volume in ml (its scoring grid)."""
+    counts, voxel_ml = np.asarray(counts), np.asarray(voxel_ml, np.float64)
+    if voxel_ml.shape != (len(counts),):
+        raise ValueError(f"voxel_ml needs one volume per study ({len(counts)}), got shape "
+                         f"{voxel_ml.shape}")
+    tp, fp, fn = np.moveaxis(counts, -1, 0)
+    free = (tp + fn).reshape(len(counts), -1)[:, 0] == 0
+    if not free.any():
+        raise ValueError("the false-positive volume of tumour-free studies needs at least one "
+                         "validation study without tumour")
+    volume = fp[free] * voxel_ml[free].reshape(-1, *([1] * (fp.ndim - 1)))
+    return volume.mean(axis=0)
+
+
+def postprocess_objective(counts: np.ndarray, objective: str = "pooled_dice",
+                          voxel_ml: Optional[Sequence[float]] = None,
+                          max_fpv_ml: float = 1.0) -> np.ndarray:
     """The score of every grid combination over the studies of `counts`, the per-study
-    `postprocess_counts` stacked on a first axis (n_studies, *grid shape, 3):
+    `postprocess_counts` stacked on a first axis (n_studies, *grid shape, 3); higher is better:
     - "pooled_dice": 2 sum TP / (2 sum TP + sum FP + sum FN) over all the studies. It charges the
       false positives of tumour-free studies, but a large lesion outweighs many small ones.
     - "mean_dice": the mean over the tumour studies of each study's Dice 2TP / (2TP + FP + FN),
@@ -442,28 +472,40 @@ def postprocess_objective(counts: np.ndarray, objective: str = "pooled_dice") ->
       setting that deletes a study's only small lesion costs that study's whole Dice; the false
       positives count through the tumour studies, which carry the same physiological uptake
       (kidneys, ureters, bladder) as the tumour-free ones, not through the tumour-free studies.
+    - "mean_dice_fpv": "mean_dice" under a limit on the false alarms of healthy studies: where
+      the mean false-positive volume of the tumour-free studies (`tumour_free_fpv_ml`, needs
+      `voxel_ml`) is at most `max_fpv_ml`, the score is the mean Dice (in [0, 1]); elsewhere it
+      is minus that volume, below every setting within the limit. So the highest score is the
+      best mean Dice within the limit, or, where no setting meets it, the lowest volume.
     """
     counts = np.asarray(counts)
     if objective == "pooled_dice":
         tp, fp, fn = np.moveaxis(counts.sum(axis=0), -1, 0)
         return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
-    if objective != "mean_dice":
+    if objective not in PP_OBJECTIVES:
         raise ValueError(f"pp_objective must be one of {PP_OBJECTIVES}, got {objective!r}")
-    tp, fp, fn = np.moveaxis(counts, -1, 0)
-    tumour = (tp + fn).reshape(len(counts), -1)[:, 0] > 0  # TP + FN = the study's tumour voxels
+    tumour, dice = _study_dice(counts)
     if not tumour.any():
-        raise ValueError("pp_objective=mean_dice needs at least one validation study with tumour")
-    tp, fp, fn = tp[tumour], fp[tumour], fn[tumour]
-    return (2 * tp / (2 * tp + fp + fn)).mean(axis=0)
+        raise ValueError(f"pp_objective={objective} needs at least one validation study with "
+                         "tumour")
+    mean_dice = dice.mean(axis=0)
+    if objective == "mean_dice":
+        return mean_dice
+    if voxel_ml is None:
+        raise ValueError("pp_objective=mean_dice_fpv needs each study's voxel volume (voxel_ml)")
+    fpv = tumour_free_fpv_ml(counts, voxel_ml)
+    return np.where(fpv <= max_fpv_ml, mean_dice, -fpv)
 
 
 def choose_postprocessing(counts: np.ndarray, grid: dict = POSTPROCESS_GRID,
-                          objective: str = "pooled_dice") -> tuple[dict, float]:
+                          objective: str = "pooled_dice",
+                          voxel_ml: Optional[Sequence[float]] = None,
+                          max_fpv_ml: float = 1.0) -> tuple[dict, float]:
     """The grid combination with the highest `postprocess_objective` over the studies whose
     `postprocess_counts` were stacked into `counts` (the VALIDATION studies). Ties go to the
     stricter setting (the later candidate of each axis, i.e. fewer false positives). Returns
     (settings, score)."""
-    score = postprocess_objective(counts, objective)
+    score = postprocess_objective(counts, objective, voxel_ml, max_fpv_ml)
     flat = np.flatnonzero(score == score.max())[-1]  # C order: the last tie is the strictest
     index = np.unravel_index(flat, score.shape)
     chosen = {key: float(values[i]) for (key, values), i in zip(grid.items(), index)}

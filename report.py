@@ -36,7 +36,10 @@ import numpy as np
 from quantification import AGREEMENT_LABELS, BLAND_ALTMAN_PNG, SCATTER_PNG
 
 OBJECTIVE_LABELS = {"pooled_dice": "pooled Dice of their voxels",  # config pp_objective
-                    "mean_dice": "mean Dice of their tumour studies"}
+                    "mean_dice": "mean Dice of their tumour studies",
+                    "mean_dice_fpv": "mean Dice of their tumour studies with a mean "
+                                     "false-positive volume of at most {max_fpv_ml:g} ml on their "
+                                     "tumour-free studies"}
 
 # the files of quantification.save_agreement_plots, shown when present in eval_dir
 AGREEMENT_PLOTS = ((BLAND_ALTMAN_PNG, "Bland–Altman: difference against the mean"),
@@ -327,9 +330,23 @@ def _summary_section(summary: Mapping[str, Any]) -> str:
     if isinstance(tuning, Mapping) and "chosen" in tuning:
         parts.append(f'<p class="hint">Probability threshold {_esc(tuning["chosen"])} chosen on '
                      f'{_esc(tuning.get("n_val_studies", "?"))} validation studies'
-                     + (f' (the highest {_esc(OBJECTIVE_LABELS.get(tuning["objective"], tuning["objective"]))})'
+                     + (f' (the highest {_esc(_objective_label(tuning))})'
                         if "objective" in tuning else "") + '.</p>')
     return "".join(parts)
+
+
+def _objective_label(tuning: Mapping[str, Any]) -> str:
+    """What the threshold tuning maximised, in words (with mean_dice_fpv's limit, and whether
+    any setting met it)."""
+    label = OBJECTIVE_LABELS.get(tuning["objective"], str(tuning["objective"]))
+    if "{max_fpv_ml" not in label:
+        return label
+    if not isinstance(tuning.get("max_fpv_ml"), (int, float)):
+        return label.replace(" of at most {max_fpv_ml:g} ml", " within a limit")
+    label = label.format(max_fpv_ml=tuning["max_fpv_ml"])
+    if tuning.get("limit_met") is False:
+        label += "; no setting met that limit, so the one with the lowest volume"
+    return label
 
 
 def _agreement_section(summary: Mapping[str, Any], eval_dir: Path) -> str:

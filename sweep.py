@@ -356,10 +356,11 @@ INERT_UNLESS = {"uptake_suv": ("aux_target", ("uptake",)),
                 "n_organ_classes": ("aux_target", ("organs",)),
                 "w_aux": ("aux_target", ("organs", "uptake")),
                 "pp_thresholds": ("tune_postprocess", (True,)),
-                "pp_objective": ("tune_postprocess", (True,))}
+                "pp_objective": ("tune_postprocess", (True,)),
+                "pp_max_fpv_ml": ("pp_objective", ("mean_dice_fpv",))}
 # settings added after runs were recorded, left out at the value that keeps the earlier
 # behaviour, so the fingerprints (and settings_ids) of the recorded runs stay what they were
-LATER_SETTINGS = {"average_from": 0.0, "pp_objective": "pooled_dice"}
+LATER_SETTINGS = {"average_from": 0.0, "pp_objective": "pooled_dice", "pp_max_fpv_ml": 1.0}
 # unused when the run trained on a data_dir (without one, data_dir is None in every run)
 PHANTOM_SETTINGS = ("phantom_cases", "phantom_size", "phantom_seed")
 

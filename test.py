@@ -62,8 +62,7 @@ from data.split import load_split
 from inference import predict_study
 from metrics import (THRESHOLD_CANDIDATES, case_metrics, choose_postprocessing,
                      counts_above, format_summary, postprocess_counts, postprocess_grid, postprocess_mask,
-                     postprocess_objective,
-                     summarise_cohort)
+                     postprocess_objective, summarise_cohort, tumour_free_fpv_ml)
 from pictures import overlay_png
 
 log = logging.getLogger(__name__)
@@ -274,7 +273,8 @@ def folder_studies(run_dir: Path, cfg: config.Config, data_dir: str, allow_seen:
 def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dict],
               threshold: Optional[float], device: Optional[torch.device | str],
               pp_thresholds: Optional[Sequence[float]] = None,
-              pp_objective: Optional[str] = None) -> dict:
+              pp_objective: Optional[str] = None,
+              pp_max_fpv_ml: Optional[float] = None) -> dict:
     post = {"min_component_ml": cfg.min_component_ml, "suv_floor": cfg.suv_floor,
             "min_component_suvmax": cfg.min_component_suvmax, **(postprocess or {})}
     tune_postprocess = cfg.tune_postprocess and threshold is None and not postprocess
@@ -288,12 +288,19 @@ def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dic
                               "studies; this evaluation tunes nothing (the run has "
                               "tune_postprocess=False, or --threshold / post-processing values "
                               "were given)")
+    objective = cfg.pp_objective if pp_objective is None else pp_objective
+    if pp_max_fpv_ml is not None and objective != "mean_dice_fpv":
+        raise EvaluationError(f"--pp_max_fpv_ml is the limit of pp_objective=mean_dice_fpv; this "
+                              f"evaluation chooses by {objective}: add --pp_objective=mean_dice_fpv")
+    if pp_max_fpv_ml is not None and not pp_max_fpv_ml >= 0:
+        raise EvaluationError(f"--pp_max_fpv_ml={pp_max_fpv_ml}: a volume in ml, >= 0")
     return {"threshold": cfg.threshold if threshold is None else float(threshold),
             "tune_threshold": cfg.tune_threshold and threshold is None,
             "tune_postprocess": tune_postprocess,
             "pp_thresholds": [float(t) for t in (cfg.pp_thresholds if pp_thresholds is None
                                                  else pp_thresholds)],
-            "pp_objective": cfg.pp_objective if pp_objective is None else pp_objective,
+            "pp_objective": objective,
+            "pp_max_fpv_ml": float(cfg.pp_max_fpv_ml if pp_max_fpv_ml is None else pp_max_fpv_ml),
             "tta": cfg.tta if tta is None else bool(tta), "postprocess": post,
             "device": str(runtime.resolve_device(str(device or cfg.device)))}
 
@@ -311,8 +318,13 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
         parts.append(f"thr{settings['threshold']:g}")
     if settings["tune_postprocess"] and settings["pp_thresholds"] != [float(t) for t in cfg.pp_thresholds]:
         parts.append("ppthr" + "_".join(f"{t:g}" for t in settings["pp_thresholds"]))
-    if settings["tune_postprocess"] and settings["pp_objective"] != cfg.pp_objective:
-        parts.append(f"pp{settings['pp_objective'].replace('_', '')}")
+    if settings["tune_postprocess"] and (
+            settings["pp_objective"] != cfg.pp_objective or
+            (settings["pp_objective"] == "mean_dice_fpv" and
+             settings["pp_max_fpv_ml"] != cfg.pp_max_fpv_ml)):
+        parts.append(f"pp{settings['pp_objective'].replace('_', '')}"
+                     + (f"{settings['pp_max_fpv_ml']:g}"
+                        if settings["pp_objective"] == "mean_dice_fpv" else ""))
     post = settings["postprocess"]
     if (post["suv_floor"], post["min_component_ml"], post["min_component_suvmax"]) != \
             (cfg.suv_floor, cfg.min_component_ml, cfg.min_component_suvmax) or \
@@ -372,6 +384,21 @@ def _threshold(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settin
     return threshold, {"chosen": threshold, "n_val_studies": len(studies), "val_pooled_dice": curve}
 
 
+def check_tuning_studies(objective: str, has_tumour: Sequence[bool], where: str) -> None:
+    """EvaluationError unless the validation studies (`has_tumour`: whether each has tumour)
+    can score pp_objective `objective`: mean_dice averages the tumour studies' Dice, so it needs
+    one; mean_dice_fpv also limits the tumour-free studies' false-positive volume, so it needs
+    one of those too. main.py asks before training, tune_postprocess before inference."""
+    if objective in ("mean_dice", "mean_dice_fpv") and not any(has_tumour):
+        raise EvaluationError(f"{where}: tune_postprocess with pp_objective={objective} averages "
+                              f"the Dice of the validation studies with tumour, and none of its "
+                              f"{len(has_tumour)} has any; use --pp_objective=pooled_dice")
+    if objective == "mean_dice_fpv" and all(has_tumour):
+        raise EvaluationError(f"{where}: tune_postprocess with pp_objective=mean_dice_fpv limits "
+                              f"the false-positive volume of the tumour-free validation studies, "
+                              f"and all {len(has_tumour)} have tumour; use --pp_objective=mean_dice")
+
+
 def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
                       amp_dtype: Optional[torch.dtype]) -> tuple[float, dict]:
     """Threshold, suv_floor, min_component_ml and min_component_suvmax chosen together on the
@@ -381,19 +408,21 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
     grid = postprocess_grid(settings["pp_thresholds"])
     studies = run_studies(run_dir, cfg, subset="val")
     objective = settings["pp_objective"]
-    if objective == "mean_dice" and not any(study_volumes(c, cfg.suv_max)[1].any() for c in studies):
-        raise EvaluationError(f"{run_dir}: tune_postprocess with pp_objective=mean_dice averages "
-                              f"the Dice of the validation studies with tumour, and none of its "
-                              f"{len(studies)} has any; use --pp_objective=pooled_dice")
-    counts = []
+    if objective != "pooled_dice":
+        check_tuning_studies(objective, [bool(study_volumes(c, cfg.suv_max)[1].any())
+                                         for c in studies], str(run_dir))
+    counts, voxel_ml = [], []
     for cached in studies:
         prob = study_probabilities(model, cached, **factory.inference_options(cfg),
                                    device=torch.device(settings["device"]), amp_dtype=amp_dtype,
                                    tta=settings["tta"])
         suv, ref, _ = study_volumes(cached, cfg.suv_max)
-        counts.append(postprocess_counts(prob, ref, suv, scoring_grid(cached)[0], grid))
+        spacing = scoring_grid(cached)[0]
+        counts.append(postprocess_counts(prob, ref, suv, spacing, grid))
+        voxel_ml.append(float(np.prod(spacing)) / 1000)
     counts = np.stack(counts)  # (n_studies, *grid shape, 3)
-    chosen, score = choose_postprocessing(counts, grid, objective)
+    chosen, score = choose_postprocessing(counts, grid, objective, voxel_ml,
+                                          settings["pp_max_fpv_ml"])
     index = tuple(list(values).index(chosen[key]) for key, values in grid.items())
     settings["postprocess"] = {k: chosen[k] for k in ("suv_floor", "min_component_ml",
                                                       "min_component_suvmax")}
@@ -402,7 +431,20 @@ def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module,
     return chosen["threshold"], {
         "chosen": chosen, "n_val_studies": len(studies), "objective": objective,
         "val_pooled_dice": float(postprocess_objective(counts, "pooled_dice")[index]),
-        **({"val_mean_dice": score} if objective == "mean_dice" else {}), "grid": grid}
+        **({"val_mean_dice": score} if objective == "mean_dice" else {}),
+        **(_fpv_limited(counts, index, voxel_ml, settings["pp_max_fpv_ml"])
+           if objective == "mean_dice_fpv" else {}), "grid": grid}
+
+
+def _fpv_limited(counts: np.ndarray, index: tuple, voxel_ml: list[float],
+                 max_fpv_ml: float) -> dict:
+    """What pp_objective=mean_dice_fpv saw at the chosen combination `index` of the grid: its
+    mean Dice and tumour-free false-positive volume on the validation studies, the limit, and
+    whether any combination met it (if none did, the one with the lowest volume was chosen)."""
+    fpv = tumour_free_fpv_ml(counts, voxel_ml)
+    return {"val_mean_dice": float(postprocess_objective(counts, "mean_dice")[index]),
+            "val_fpv_ml_tumor_free": float(fpv[index]), "max_fpv_ml": float(max_fpv_ml),
+            "limit_met": bool((fpv <= max_fpv_ml).any())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +533,7 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
              postprocess: Optional[dict] = None, threshold: Optional[float] = None,
              device: Optional[torch.device | str] = None, allow_seen: bool = False,
              pp_thresholds: Optional[Sequence[float]] = None,
-             pp_objective: Optional[str] = None,
+             pp_objective: Optional[str] = None, pp_max_fpv_ml: Optional[float] = None,
              cache_dir: str | os.PathLike | None = None,
              progress: bool = True, reuse: bool = False) -> dict[str, Any]:
     """Evaluate a finished run on its test studies (or on every labelled study of `data_dir`).
@@ -520,7 +562,8 @@ def evaluate(run_dir: str | os.PathLike, *, data_dir: Optional[str] = None,
         raise EvaluationError(f"run directory {run_dir} not found; pass --run_dir=runs/<name>")
     cfg = run_config(run_dir, cache_dir)
     checkpoint = resolve_checkpoint(cfg, checkpoint, average_from)
-    settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds, pp_objective)
+    settings = _settings(cfg, tta, postprocess, threshold, device, pp_thresholds, pp_objective,
+                         pp_max_fpv_ml)
     device = torch.device(settings["device"])
     name = variant_name(cfg, settings, checkpoint, data_dir, allow_seen)
     if reuse and (run_dir / name / "summary.json").is_file():
@@ -754,7 +797,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="threshold candidates of tune_postprocess, e.g. 0.3,0.5,0.7,0.9")
     parser.add_argument("--pp_objective", default=None, choices=list(config.CHOICES["pp_objective"]),
                         help="what tune_postprocess maximises on the validation studies: "
-                             "pooled_dice or mean_dice (of the tumour studies; default: the run's)")
+                             "pooled_dice, mean_dice (of the tumour studies) or mean_dice_fpv "
+                             "(mean_dice within --pp_max_fpv_ml); default: the run's")
+    parser.add_argument("--pp_max_fpv_ml", default=None, type=float,
+                        help="pp_objective=mean_dice_fpv: the highest mean false-positive volume "
+                             "(ml) of the tumour-free validation studies (default: the run's, 1)")
     args = parser.parse_args(argv)
     if args.pp_thresholds is not None:
         value = config.parse_value(args.pp_thresholds)  # as main.py reads --key=value
@@ -801,6 +848,7 @@ def main(argv: Sequence[str]) -> None:
         return
     summary = evaluate(args.run_dir, data_dir=args.data_dir, allow_seen=args.allow_seen,
                        pp_thresholds=args.pp_thresholds, pp_objective=args.pp_objective,
+                       pp_max_fpv_ml=args.pp_max_fpv_ml,
                        **common)
     print(format_summary(summary))
     if "postprocessed" in summary:

@@ -97,6 +97,8 @@ def _load(folder: Path) -> dict:
     # and what it maximised when it did (test.py --pp_objective)
     if "pp_objective" in summary.get("settings", {}):
         settings["pp_objective"] = summary["settings"]["pp_objective"]
+    if "pp_max_fpv_ml" in summary.get("settings", {}):
+        settings["pp_max_fpv_ml"] = summary["settings"]["pp_max_fpv_ml"]
     with open(folder / "eval" / "per_case.csv", newline="") as f:
         cases = sorted(r["case_id"] for r in csv.DictReader(f))
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]

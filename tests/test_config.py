@@ -170,3 +170,20 @@ def test_pp_objective_is_checked_and_leaves_recorded_fingerprints_alone():
     # without tune_postprocess nothing is tuned: the objective changes nothing
     untuned = {**by_mean, "tune_postprocess": False}
     assert "pp_objective" not in sweep.settings_fingerprint(untuned)
+
+
+
+def test_pp_max_fpv_ml_is_checked_and_counts_only_for_its_objective():
+    import sweep
+
+    assert parse_cli(["--pp_objective=mean_dice_fpv", "--pp_max_fpv_ml=0.5"]).pp_max_fpv_ml == 0.5
+    with pytest.raises(ConfigError, match="pp_max_fpv_ml"):
+        parse_cli(["--pp_max_fpv_ml=-1"])
+    cfg = make_config({"preset": "tiny", "tune_postprocess": True}).to_dict()
+    before = {k: v for k, v in cfg.items() if k != "pp_max_fpv_ml"}  # recorded before it
+    assert sweep.settings_fingerprint(before) == sweep.settings_fingerprint(cfg)
+    # the limit of another objective changes nothing; of mean_dice_fpv it does
+    assert "pp_max_fpv_ml" not in sweep.settings_fingerprint({**cfg, "pp_max_fpv_ml": 0.5})
+    limited = {**cfg, "pp_objective": "mean_dice_fpv", "pp_max_fpv_ml": 0.5}
+    assert sweep.settings_fingerprint(limited)["pp_max_fpv_ml"] == 0.5
+    assert "pp_max_fpv_ml" not in sweep.settings_fingerprint({**limited, "pp_max_fpv_ml": 1.0})

@@ -124,6 +124,25 @@ def test_bad_settings_stop_before_any_work(tmp_path, arg):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
+def test_an_objective_the_validation_studies_cannot_score_stops_before_training(tmp_path,
+                                                                              monkeypatch):
+    """pp_objective=mean_dice_fpv needs validation studies with and without tumour; one
+    validation study is one or the other: refused after the data is prepared, before training."""
+    import main
+    import test as evaluation
+    import training
+
+    def train(**kwargs):
+        raise AssertionError("trained before the objective was checked")
+
+    monkeypatch.setattr(training, "train", train)
+    with pytest.raises(evaluation.EvaluationError,
+                       match="the validation studies: tune_postprocess with pp_objective=mean_dice_fpv"):
+        main.main(["--preset=tiny", "--phantom_cases=4", "--n_val=1", "--tune_postprocess=True",
+                   "--pp_objective=mean_dice_fpv", f"--out_dir={tmp_path / 'runs'}",
+                   f"--cache_dir={tmp_path / 'cache'}"])
+
+
 def test_every_bad_study_is_reported_before_training(tmp_path, tiny_autopet_dir):
     import shutil
 

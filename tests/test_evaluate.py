@@ -481,19 +481,61 @@ def test_tune_postprocess_chooses_on_validation_and_applies_it(tiny_run_dir, toy
     assert "val_mean_dice" not in summary["threshold_tuning"]
     cfg = evaluation.run_config(copy)
     model = evaluation.load_run_model(copy, cfg, "best", torch.device("cpu"))
-    dices = []
-    for cached in evaluation.run_studies(copy, cfg, subset="val"):
-        prob = evaluation.study_probabilities(model, cached, **factory.inference_options(cfg),
-                                              device=torch.device("cpu"), amp_dtype=None,
-                                              tta=by_mean["settings"]["tta"])
-        suv, ref, _ = evaluation.study_volumes(cached, cfg.suv_max)
-        spacing = evaluation.scoring_grid(cached)[0]
-        pred = metrics.postprocess_mask(prob > tuning["chosen"]["threshold"], spacing=spacing,
-                                        suv=suv, **by_mean["settings"]["postprocess"])
-        if ref.any():
-            dices.append(2 * (pred & (ref > 0)).sum() / (pred.sum() + (ref > 0).sum()))
+
+    def validation_scores(result):
+        """The validation tumour studies' Dice and the tumour-free studies' volumes in ml of
+        the masks `result`'s chosen post-processing gives, recomputed here."""
+        dices, volumes = [], []
+        for cached in evaluation.run_studies(copy, cfg, subset="val"):
+            prob = evaluation.study_probabilities(model, cached, **factory.inference_options(cfg),
+                                                  device=torch.device("cpu"), amp_dtype=None,
+                                                  tta=result["settings"]["tta"])
+            suv, ref, _ = evaluation.study_volumes(cached, cfg.suv_max)
+            spacing = evaluation.scoring_grid(cached)[0]
+            pred = metrics.postprocess_mask(
+                prob > result["threshold_tuning"]["chosen"]["threshold"], spacing=spacing,
+                suv=suv, **result["settings"]["postprocess"])
+            if ref.any():
+                dices.append(2 * (pred & (ref > 0)).sum() / (pred.sum() + (ref > 0).sum()))
+            else:
+                volumes.append(pred.sum() * float(np.prod(spacing)) / 1000)
+        return dices, volumes
+
+    dices, _ = validation_scores(by_mean)
     assert dices and tuning["val_mean_dice"] == pytest.approx(float(np.mean(dices)))
     assert (copy / "eval" / "summary.json").read_text() == before
+    # the mean Dice within a false-positive volume on the tumour-free validation studies
+    # (test.py --pp_objective=mean_dice_fpv --pp_max_fpv_ml=...): its own folder, named with
+    # the limit; what the chosen combination scores there is recorded and recomputed here
+    with pytest.raises(evaluation.EvaluationError, match="--pp_max_fpv_ml"):
+        evaluation.evaluate(copy, pp_max_fpv_ml=0.5, progress=False)  # the run's: pooled_dice
+    with pytest.raises(evaluation.EvaluationError, match="--pp_max_fpv_ml=-1"):
+        evaluation.evaluate(copy, pp_objective="mean_dice_fpv", pp_max_fpv_ml=-1, progress=False)
+    limited = evaluation.evaluate(copy, pp_objective="mean_dice_fpv", pp_max_fpv_ml=0.5,
+                                  progress=False)
+    assert Path(limited["output_dir"]).name == "eval-ppmeandicefpv0.5"
+    assert limited["settings"]["pp_max_fpv_ml"] == 0.5
+    tuning = limited["threshold_tuning"]
+    dices, volumes = validation_scores(limited)
+    assert dices and volumes
+    assert tuning["val_mean_dice"] == pytest.approx(float(np.mean(dices)))
+    assert tuning["val_fpv_ml_tumor_free"] == pytest.approx(float(np.mean(volumes)))
+    assert tuning["max_fpv_ml"] == 0.5
+    assert tuning["limit_met"] == (tuning["val_fpv_ml_tumor_free"] <= 0.5)
+    assert (copy / "eval" / "summary.json").read_text() == before
+
+
+def test_objectives_that_need_tumour_or_tumour_free_validation_studies_say_so():
+    evaluation.check_tuning_studies("pooled_dice", [False, False], "here")  # pools anything
+    evaluation.check_tuning_studies("mean_dice", [True, True], "here")
+    evaluation.check_tuning_studies("mean_dice_fpv", [True, False], "here")
+    with pytest.raises(evaluation.EvaluationError, match="here: .*none of its 2 has any"):
+        evaluation.check_tuning_studies("mean_dice", [False, False], "here")
+    with pytest.raises(evaluation.EvaluationError, match="none of its 1 has any"):
+        evaluation.check_tuning_studies("mean_dice_fpv", [False], "here")
+    with pytest.raises(evaluation.EvaluationError,
+                       match="all 2 have tumour; use --pp_objective=mean_dice"):
+        evaluation.check_tuning_studies("mean_dice_fpv", [True, True], "here")
 
 
 @pytest.mark.parametrize("value", ["0.9,0.3", "0.5,1.2", "0.5,x", ""])

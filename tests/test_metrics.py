@@ -322,6 +322,48 @@ def test_pp_objectives_pooled_against_mean_of_studies_hand_computed():
         metrics.postprocess_objective(counts, "median_dice")
 
 
+def test_pp_objective_mean_dice_within_a_false_positive_volume_hand_computed():
+    # the three studies above (large lesion, small lesion, tumour-free) plus a second
+    # tumour-free study on a coarser grid; two combinations: min_component_ml 0 or 0.1
+    grid = {"threshold": (0.5,), "suv_floor": (0.0,), "min_component_ml": (0.0, 0.1),
+            "min_component_suvmax": (0.0,)}
+    counts = np.zeros((4, 1, 1, 2, 1, 3), np.int64)
+    counts[0, 0, 0, 0, 0] = (100, 40, 0)  # 200 / 240
+    counts[0, 0, 0, 1, 0] = (100, 20, 0)  # 200 / 220
+    counts[1, 0, 0, 0, 0] = (2, 0, 0)     # Dice 1
+    counts[1, 0, 0, 1, 0] = (0, 0, 2)     # Dice 0
+    counts[2, 0, 0, 0, 0] = (0, 30, 0)    # tumour-free, 0.05 ml voxels: 1.5 ml
+    counts[2, 0, 0, 1, 0] = (0, 4, 0)     # 0.2 ml
+    counts[3, 0, 0, 0, 0] = (0, 5, 0)     # tumour-free, 0.2 ml voxels: 1.0 ml
+    counts[3, 0, 0, 1, 0] = (0, 0, 0)     # 0 ml
+    voxel_ml = [0.008, 0.008, 0.05, 0.2]
+    fpv = metrics.tumour_free_fpv_ml(counts, voxel_ml)
+    assert fpv[0, 0, 0, 0] == pytest.approx((1.5 + 1.0) / 2)
+    assert fpv[0, 0, 1, 0] == pytest.approx((0.2 + 0.0) / 2)
+    mean_dice = ((200 / 240 + 1) / 2, (200 / 220 + 0) / 2)
+    # a limit both meet: the mean Dice decides (no filter, like mean_dice)
+    score = metrics.postprocess_objective(counts, "mean_dice_fpv", voxel_ml, max_fpv_ml=1.25)
+    assert score[0, 0, :, 0] == pytest.approx(mean_dice)
+    chosen, best = metrics.choose_postprocessing(counts, grid, "mean_dice_fpv", voxel_ml, 1.25)
+    assert chosen["min_component_ml"] == 0.0 and best == pytest.approx(mean_dice[0])
+    # a limit only the filter meets: it is chosen although its mean Dice is lower
+    score = metrics.postprocess_objective(counts, "mean_dice_fpv", voxel_ml, max_fpv_ml=1.0)
+    assert score[0, 0, :, 0] == pytest.approx((-1.25, mean_dice[1]))
+    chosen, best = metrics.choose_postprocessing(counts, grid, "mean_dice_fpv", voxel_ml, 1.0)
+    assert chosen["min_component_ml"] == 0.1 and best == pytest.approx(mean_dice[1])
+    # a limit nothing meets: the lowest volume, scored as minus that volume
+    chosen, best = metrics.choose_postprocessing(counts, grid, "mean_dice_fpv", voxel_ml, 0.05)
+    assert chosen["min_component_ml"] == 0.1 and best == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="voxel_ml"):
+        metrics.postprocess_objective(counts, "mean_dice_fpv")
+    with pytest.raises(ValueError, match="one volume per study"):
+        metrics.postprocess_objective(counts, "mean_dice_fpv", voxel_ml[:3])
+    with pytest.raises(ValueError, match="without tumour"):
+        metrics.postprocess_objective(counts[:2], "mean_dice_fpv", voxel_ml[:2])
+    with pytest.raises(ValueError, match="with tumour"):
+        metrics.postprocess_objective(counts[2:], "mean_dice_fpv", voxel_ml[2:])
+
+
 # ---- paired comparison of two configurations over the same studies ------------------------
 
 def test_paired_comparison_hand_computed():

@@ -191,6 +191,17 @@ def test_the_post_processing_objective_is_named(tmp_path):
                                                    "n_val_studies": 30, "objective": objective}}
         page = report.write_report(tmp_path / objective, summary=summary, rows=make_rows(3)).read_text()
         assert f"30 validation studies (the highest {words})" in page
+    for extra, words in (({"max_fpv_ml": 1.5, "limit_met": True},
+                          "mean Dice of their tumour studies with a mean false-positive volume "
+                          "of at most 1.5 ml on their tumour-free studies)"),
+                         ({"max_fpv_ml": 0.25, "limit_met": False},
+                          "at most 0.25 ml on their tumour-free studies; no setting met that "
+                          "limit, so the one with the lowest volume)")):
+        summary = {**SUMMARY, "threshold_tuning": {"chosen": {"threshold": 0.5}, "n_val_studies": 30,
+                                                   "objective": "mean_dice_fpv", **extra}}
+        folder = tmp_path / f"fpv{extra['max_fpv_ml']}"
+        page = report.write_report(folder, summary=summary, rows=make_rows(3)).read_text()
+        assert words in page
 
 
 # ---- headless Chromium ----------------------------------------------------------------------

@@ -192,6 +192,27 @@ def test_an_evaluation_over_other_pp_thresholds_is_its_own_row(tmp_path, rt):
     assert "| pp_thresholds=[0.3, 0.9] |" in row and "| +0.100 [+0.100, +0.100]" in row
 
 
+def test_an_evaluation_within_a_false_positive_limit_names_its_objective_and_limit(tmp_path, rt):
+    """test.py --pp_objective=mean_dice_fpv --pp_max_fpv_ml=0.5: the row names both; a summary
+    that records the default limit beside another objective changes nothing."""
+    ev = tmp_path / "evidence"
+    for name, settings in (("ref", {"checkpoint": "best", "pp_objective": "pooled_dice",
+                                    "pp_max_fpv_ml": 1.0}),
+                           ("ref.eval-ppmeandicefpv0.5", {"checkpoint": "best",
+                                                          "pp_objective": "mean_dice_fpv",
+                                                          "pp_max_fpv_ml": 0.5})):
+        fake_run(ev / name, epochs=3, dice=[0.2, 0.4, 0.6], fpv=[1.0, 2.0, 3.0])
+        doc = json.loads((ev / name / "config.json").read_text())
+        doc["config"]["tune_postprocess"] = True
+        (ev / name / "config.json").write_text(json.dumps(doc))
+        summary = json.loads((ev / name / "eval" / "summary.json").read_text())
+        summary["settings"] = settings
+        (ev / name / "eval" / "summary.json").write_text(json.dumps(summary))
+    lines = rt.table(ev, "ref").splitlines()
+    row = next(r for r in lines if r.startswith("| ref.eval-ppmeandicefpv0.5 |"))
+    assert "| pp_max_fpv_ml=0.5, pp_objective=mean_dice_fpv |" in row
+
+
 def test_the_default_pp_thresholds_recorded_by_a_summary_are_no_change(tmp_path, rt):
     """A newer evaluation records the default thresholds in summary.json (a JSON list); the
     reference predates that record and takes the default (a tuple): the same setting, so the
