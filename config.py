@@ -236,6 +236,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # raw / 0.627 +- 0.016 post-processed (paired -0.014 [-0.068, +0.029], p 0.63): the raw masks
     # above 0.65, the post-processed ones below; the preset keeps 100. Their weights with
     # --pp_objective=mean_dice: 0.659 +- 0.009 post-processed at FPV 1.93 ml (1.21 pooled).
+    # Organ head + 200 studies (seed 0, results/cpu_long_org_d230_s0): 0.676 raw at 0.72 ml, recall
+    # 0.81; 0.635 post-processed; but 120.7 min on a CPU 1.5x slower per step: one seed, over budget.
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=64,
                      steps_per_epoch=250, warmup_steps=100, val_every=2, tune_postprocess=True,
                      keep_epoch_checkpoints=True, average_from=0.75, tta=True),
