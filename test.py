@@ -392,11 +392,13 @@ def check_tuning_studies(objective: str, has_tumour: Sequence[bool], where: str)
     if objective in ("mean_dice", "mean_dice_fpv") and not any(has_tumour):
         raise EvaluationError(f"{where}: tune_postprocess with pp_objective={objective} averages "
                               f"the Dice of the validation studies with tumour, and none of its "
-                              f"{len(has_tumour)} has any; use --pp_objective=pooled_dice")
+                              f"{len(has_tumour)} has any; use --pp_objective=pooled_dice, or "
+                              f"validation studies with tumour (a larger --n_val)")
     if objective == "mean_dice_fpv" and all(has_tumour):
         raise EvaluationError(f"{where}: tune_postprocess with pp_objective=mean_dice_fpv limits "
                               f"the false-positive volume of the tumour-free validation studies, "
-                              f"and all {len(has_tumour)} have tumour; use --pp_objective=mean_dice")
+                              f"and all {len(has_tumour)} have tumour; use --pp_objective=mean_dice, "
+                              f"or tumour-free validation studies too (a larger --n_val)")
 
 
 def _tune_postprocess(run_dir: Path, cfg: config.Config, model: torch.nn.Module, settings: dict,
