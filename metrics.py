@@ -432,13 +432,19 @@ def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
 PP_OBJECTIVES = ("pooled_dice", "mean_dice", "mean_dice_fpv")  # config pp_objective
 
 
+def _has_tumour(counts: np.ndarray) -> np.ndarray:
+    """Which studies of `counts` (n_studies, *grid, 3) have tumour: TP + FN, the study's tumour
+    voxels, is the same at every grid combination; > 0 at the first."""
+    tp, _, fn = np.moveaxis(counts, -1, 0)
+    return (tp + fn).reshape(len(counts), -1)[:, 0] > 0
+
+
 def _study_dice(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(tumour, dice): which studies of `counts` (n_studies, *grid, 3) have tumour (TP + FN, the
-    study's tumour voxels, > 0) and the Dice 2TP / (2TP + FP + FN) of those studies, per grid
-    combination (n_tumour_studies, *grid)."""
-    tp, fp, fn = np.moveaxis(counts, -1, 0)
-    tumour = (tp + fn).reshape(len(counts), -1)[:, 0] > 0
-    tp, fp, fn = tp[tumour], fp[tumour], fn[tumour]
+    """(tumour, dice): which studies of `counts` (n_studies, *grid, 3) have tumour
+    (`_has_tumour`) and the Dice 2TP / (2TP + FP + FN) of those studies, per grid combination
+    (n_tumour_studies, *grid)."""
+    tumour = _has_tumour(counts)
+    tp, fp, fn = np.moveaxis(counts[tumour], -1, 0)
     return tumour, 2 * tp / (2 * tp + fp + fn)
 
 
@@ -451,12 +457,12 @@ def tumour_free_fpv_ml(counts: np.ndarray, voxel_ml: Sequence[float]) -> np.ndar
     if voxel_ml.shape != (len(counts),):
         raise ValueError(f"voxel_ml needs one volume per study ({len(counts)}), got shape "
                          f"{voxel_ml.shape}")
-    tp, fp, fn = np.moveaxis(counts, -1, 0)
-    free = (tp + fn).reshape(len(counts), -1)[:, 0] == 0
+    free = ~_has_tumour(counts)
     if not free.any():
         raise ValueError("the false-positive volume of tumour-free studies needs at least one "
                          "validation study without tumour")
-    volume = fp[free] * voxel_ml[free].reshape(-1, *([1] * (fp.ndim - 1)))
+    fp = counts[free][..., 1]  # (n_free, *grid)
+    volume = fp * voxel_ml[free].reshape(-1, *([1] * (fp.ndim - 1)))
     return volume.mean(axis=0)
 
 

@@ -38,8 +38,7 @@ from quantification import AGREEMENT_LABELS, BLAND_ALTMAN_PNG, SCATTER_PNG
 OBJECTIVE_LABELS = {"pooled_dice": "pooled Dice of their voxels",  # config pp_objective
                     "mean_dice": "mean Dice of their tumour studies",
                     "mean_dice_fpv": "mean Dice of their tumour studies with a mean "
-                                     "false-positive volume of at most {max_fpv_ml:g} ml on their "
-                                     "tumour-free studies"}
+                                     "false-positive volume"}  # + the limit: _objective_label
 
 # the files of quantification.save_agreement_plots, shown when present in eval_dir
 AGREEMENT_PLOTS = ((BLAND_ALTMAN_PNG, "Bland–Altman: difference against the mean"),
@@ -339,11 +338,11 @@ def _objective_label(tuning: Mapping[str, Any]) -> str:
     """What the threshold tuning maximised, in words (with mean_dice_fpv's limit, and whether
     any setting met it)."""
     label = OBJECTIVE_LABELS.get(tuning["objective"], str(tuning["objective"]))
-    if "{max_fpv_ml" not in label:
+    if tuning["objective"] != "mean_dice_fpv":
         return label
-    if not isinstance(tuning.get("max_fpv_ml"), (int, float)):
-        return label.replace(" of at most {max_fpv_ml:g} ml", " within a limit")
-    label = label.format(max_fpv_ml=tuning["max_fpv_ml"])
+    limit = tuning.get("max_fpv_ml")
+    label += (f" of at most {limit:g} ml" if isinstance(limit, (int, float)) else " within a limit")
+    label += " on their tumour-free studies"
     if tuning.get("limit_met") is False:
         label += "; no setting met that limit, so the one with the lowest volume"
     return label

@@ -305,6 +305,11 @@ def _settings(cfg: config.Config, tta: Optional[bool], postprocess: Optional[dic
             "device": str(runtime.resolve_device(str(device or cfg.device)))}
 
 
+def _objective_tag(objective: str, max_fpv_ml: float) -> str:
+    """pp_objective in a folder name: "meandice"; mean_dice_fpv with its limit, "meandicefpv1"."""
+    return objective.replace("_", "") + (f"{max_fpv_ml:g}" if objective == "mean_dice_fpv" else "")
+
+
 def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
                  data_dir: Optional[str], allow_seen: bool = False) -> str:
     """The folder of an evaluation: "eval" for the run's own setting (what main.py writes),
@@ -318,13 +323,10 @@ def variant_name(cfg: config.Config, settings: dict, checkpoint_name: str,
         parts.append(f"thr{settings['threshold']:g}")
     if settings["tune_postprocess"] and settings["pp_thresholds"] != [float(t) for t in cfg.pp_thresholds]:
         parts.append("ppthr" + "_".join(f"{t:g}" for t in settings["pp_thresholds"]))
-    if settings["tune_postprocess"] and (
-            settings["pp_objective"] != cfg.pp_objective or
-            (settings["pp_objective"] == "mean_dice_fpv" and
-             settings["pp_max_fpv_ml"] != cfg.pp_max_fpv_ml)):
-        parts.append(f"pp{settings['pp_objective'].replace('_', '')}"
-                     + (f"{settings['pp_max_fpv_ml']:g}"
-                        if settings["pp_objective"] == "mean_dice_fpv" else ""))
+    objective = _objective_tag(settings["pp_objective"], settings["pp_max_fpv_ml"])
+    if settings["tune_postprocess"] and objective != _objective_tag(cfg.pp_objective,
+                                                                    cfg.pp_max_fpv_ml):
+        parts.append(f"pp{objective}")
     post = settings["postprocess"]
     if (post["suv_floor"], post["min_component_ml"], post["min_component_suvmax"]) != \
             (cfg.suv_floor, cfg.min_component_ml, cfg.min_component_suvmax) or \
