@@ -13,7 +13,10 @@ its own run directory; times the whole command (wall clock); then copies the run
 (config.json with the environment and commit, split.json, metrics.jsonl, train.log,
 eval/summary.json, eval/per_case.csv, eval/lesions.csv; no weights, no images) into --out and
 writes `timing.json` and `table.md` (the table the README shows, every number read from those
-files). Extra arguments after `--` go to main.py.
+files). Extra arguments after `--` go to main.py. After the timed command (outside its wall time)
+it runs `bench/bench_precision.py` into `bench_precision.txt`: this machine's training-step time,
+which the table quotes, so that wall times measured on CPUs of different speed can be compared
+(`--no_speed_probe` skips it).
 
 `--compare=REF` also writes `compare.md`: this run against the evidence folder REF on the same
 test studies (refused otherwise), paired over the studies by sweep.py's paired tests
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +44,7 @@ EVIDENCE = ("config.json", "split.json", "metrics.jsonl", "train.log", "eval/sum
 
 
 def run_main(out: Path, extra: list[str], screenshot: str | None = None,
-             keep: str | None = None) -> None:
+             keep: str | None = None, speed_probe: bool = True) -> None:
     work = Path(tempfile.mkdtemp(prefix="main-run-"))
     args = [sys.executable, "main.py", f"--cache_dir={work / 'cache'}",
             f"--out_dir={work / 'runs'}", "--run_name=main", *extra]
@@ -73,6 +77,28 @@ def run_main(out: Path, extra: list[str], screenshot: str | None = None,
               "give test.py and bench/learning_curve.py --cache_dir=cache, or any folder, "
               "to prepare its studies again)")
     shutil.rmtree(work, ignore_errors=True)
+    if speed_probe:  # after the timed command, so outside its wall time
+        probe = subprocess.run([sys.executable, "bench/bench_precision.py"], cwd=ROOT,
+                               capture_output=True, text=True)
+        (out / "bench_precision.txt").write_text(probe.stdout + probe.stderr)
+
+
+def step_times(text: str) -> dict[str, float]:
+    """The median training-step times of bench/bench_precision.py's output, by precision."""
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r"^(float32|bf16)\s+training step\s+([0-9.]+) s", text, re.MULTILINE)}
+
+
+def _speed(out: Path) -> str:
+    """The table's sentence on this machine's speed, from `bench_precision.txt` if the folder
+    has one (evidence folders from before the probe have none: no sentence)."""
+    probe = out / "bench_precision.txt"
+    steps = step_times(probe.read_text()) if probe.is_file() else {}
+    if not steps:
+        return ""
+    return (" This machine's training step (`bench/bench_precision.py` right after the run, "
+            "transunet_small batch 16 at 128², median): "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in steps.items()) + ".")
 
 
 def _ci(entry: dict, digits: int = 3) -> str:
@@ -102,7 +128,7 @@ def table(out: Path) -> str:
         f"{len(split['train'])} training / {len(split['val'])} validation studies, "
         f"{summary['n_studies']} test studies of a phantom seed the model never saw; commit "
         f"`{commit}`."
-        + _scored_weights(summary.get("settings", {}), best),
+        + _scored_weights(summary.get("settings", {}), best) + _speed(out),
         "",
         "| metric | value (95 % bootstrap CI) | studies |",
         "|---|---|---|",
@@ -194,6 +220,8 @@ def main() -> None:
     parser.add_argument("--keep", default=None,
                         help="move the run directory (weights too) to this new folder instead "
                              "of deleting it")
+    parser.add_argument("--no_speed_probe", action="store_true",
+                        help="skip bench/bench_precision.py after the run")
     parser.add_argument("--compare", default=None,
                         help="also compare.md: this run paired against the evidence folder REF")
     args = parser.parse_args(argv)
@@ -203,7 +231,7 @@ def main() -> None:
         if args.keep and Path(args.keep).exists():
             raise SystemExit(f"--keep={args.keep} exists; give a new folder")
         out.mkdir(parents=True, exist_ok=True)
-        run_main(out, extra, args.screenshot, args.keep)
+        run_main(out, extra, args.screenshot, args.keep, not args.no_speed_probe)
     (out / "table.md").write_text(table(out))
     print((out / "table.md").read_text())
     if args.compare:

@@ -231,6 +231,17 @@ def test_main_run_table_reads_every_number_from_the_evidence(tiny_run, tmp_path)
     les = summary["lesions"]
     assert f"{les['detected']} of {les['n_lesions']}" in text
     assert "Best checkpoint: epoch" in text and "mean of the weights" not in text
+    assert "training step" not in text  # no bench_precision.txt: no sentence on the speed
+    # the machine's speed, measured after the run, is quoted from bench_precision.txt
+    (tmp_path / "bench_precision.txt").write_text(
+        "torch 2.x, 2 threads, bf16 in hardware: True; ...\n"
+        "float32  training step  0.368 s   inference of 32 slices  0.258 s (medians)\n"
+        "bf16     training step  0.254 s   inference of 32 slices  0.151 s (medians)\n"
+        "ratio float32/bf16 training step: 1.45x\n")
+    assert main_run.step_times((tmp_path / "bench_precision.txt").read_text()) == {
+        "float32": 0.368, "bf16": 0.254}
+    assert "median): float32 0.368 s, bf16 0.254 s." in main_run.table(tmp_path)
+    (tmp_path / "bench_precision.txt").unlink()
     # an evaluation of averaged weights names the epochs it averaged, not the best epoch
     summary["settings"].update(checkpoint="average0.75", averaged_epochs=[3, 4])
     (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
