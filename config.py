@@ -238,6 +238,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # --pp_objective=mean_dice: 0.659 +- 0.009 post-processed at FPV 1.93 ml (1.21 pooled).
     # Organ head + 200 studies (seed 0, results/cpu_long_org_d230_s0): 0.676 raw at 0.72 ml, recall
     # 0.81; 0.635 post-processed; but 120.7 min on a CPU 1.5x slower per step: one seed, over budget.
+    # Cut to 44 epochs (seed 1, results/cpu_long_org_d230_e44_s1): 93.8 min on a slower host still,
+    # 0.642 raw / 0.632 post-processed at 1.02 / 1.00 ml, recall 0.77 / 0.74: Dice short of 0.65.
     "cpu_long": dict(phantom_test_seed=1, phantom_cases=130, n_val=30, n_test=50, epochs=64,
                      steps_per_epoch=250, warmup_steps=100, val_every=2, tune_postprocess=True,
                      keep_epoch_checkpoints=True, average_from=0.75, tta=True),
