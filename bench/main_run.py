@@ -84,9 +84,12 @@ def run_main(out: Path, extra: list[str], screenshot: str | None = None,
 
 
 def step_times(text: str) -> dict[str, float]:
-    """The median training-step times of bench/bench_precision.py's output, by precision."""
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r"^(float32|bf16)\s+training step\s+([0-9.]+) s", text, re.MULTILINE)}
+    """The median training-step times of bench/bench_precision.py's output, by precision; of
+    several readings in one file (a probe repeated by hand), the first, taken right after the run."""
+    steps: dict[str, float] = {}
+    for m in re.finditer(r"^(float32|bf16)\s+training step\s+([0-9.]+) s", text, re.MULTILINE):
+        steps.setdefault(m.group(1), float(m.group(2)))
+    return steps
 
 
 def _speed(out: Path) -> str:

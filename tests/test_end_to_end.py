@@ -241,6 +241,10 @@ def test_main_run_table_reads_every_number_from_the_evidence(tiny_run, tmp_path)
     assert main_run.step_times((tmp_path / "bench_precision.txt").read_text()) == {
         "float32": 0.368, "bf16": 0.254}
     assert "median): float32 0.368 s, bf16 0.254 s." in main_run.table(tmp_path)
+    # a second reading appended by hand does not replace the one taken right after the run
+    with open(tmp_path / "bench_precision.txt", "a") as f:
+        f.write("float32  training step  0.498 s\nbf16     training step  0.401 s\n")
+    assert "median): float32 0.368 s, bf16 0.254 s." in main_run.table(tmp_path)
     (tmp_path / "bench_precision.txt").unlink()
     # an evaluation of averaged weights names the epochs it averaged, not the best epoch
     summary["settings"].update(checkpoint="average0.75", averaged_epochs=[3, 4])
