@@ -36,7 +36,7 @@ def test_reads_the_post_processed_volume_of_tumour_free_studies_only(fs, tmp_pat
     assert column == "fpv_ml" and list(values) == [2.0]
 
 
-def test_sampled_means_against_hand_computed_probabilities(fs, tmp_path):
+def test_sampled_means_against_hand_computed_probabilities(fs):
     """Population 0, 0, 0, 10 ml: one study drawn is 0 with probability 3/4; the mean of two is
     0 with probability 9/16 and 10 (both the 10 ml study) with 1/16."""
     values = np.array([0.0, 0.0, 0.0, 10.0])
@@ -46,7 +46,6 @@ def test_sampled_means_against_hand_computed_probabilities(fs, tmp_path):
     assert (two == 0).mean() == pytest.approx(9 / 16, abs=0.005)
     assert (two == 10).mean() == pytest.approx(1 / 16, abs=0.003)
     assert two.mean() == pytest.approx(2.5, abs=0.05)
-    write_per_case(tmp_path, [(False, 0, v) for v in values] + [(True, 1, 1)])
     text = fs.report(values, "pp_fpv_ml", [1, 2], 200_000, observed=0.0, n=2, source="x")
     assert "10.00, 0.00, 0.00, 0.00 ml; the largest 1 carry 100% of the total" in text
     assert "| 1 | 0.000 ml | 0.000 ml | 10.000 ml |" in text
