@@ -80,6 +80,10 @@ class Config:
     # how those tumour slices are drawn: slice (uniform over tumour slices) | lesion (a lesion
     # uniform over all lesions, then one of its slices: small lesions as often as large ones)
     fg_sampling: str = "slice"
+    # share of training slices that are hard negatives: tumour-free slices whose PET exceeds
+    # uptake_suv somewhere (physiological uptake, found without labels; data/dataset.py); the
+    # uniform share is 1 - fg_fraction - hot_fraction. 0 = off.
+    hot_fraction: float = 0.0
     augment: bool = True
     num_workers: int = 0  # DataLoader workers
 
@@ -349,6 +353,7 @@ RANGES = {
     "momentum": (0.0, 1.0, True, False), "poly_power": (0.0, None, False, True),
     "grad_clip": (0.0, None, True, True), "threshold": (0.0, 1.0, False, False),
     "fg_fraction": (0.0, 1.0, True, True), "suv_max": (0.0, None, False, True),
+    "hot_fraction": (0.0, 1.0, True, True),
     "w_bce": (0.0, None, True, True), "w_tversky": (0.0, None, True, True),
     "w_dice": (0.0, None, True, True), "w_aux": (0.0, None, True, True),
     "tversky_fp_weight": (0.0, None, True, True), "tversky_fn_weight": (0.0, None, True, True),
@@ -406,6 +411,9 @@ def _validate(cfg: Config) -> None:
     if cfg.w_bce + cfg.w_tversky + cfg.w_dice == 0:
         raise ConfigError("--w_bce, --w_tversky and --w_dice are all 0: the lesion loss would be 0; "
                           "give at least one a positive weight")
+    if cfg.fg_fraction + cfg.hot_fraction > 1.0 + 1e-9:
+        raise ConfigError(f"--hot_fraction={cfg.hot_fraction} with --fg_fraction={cfg.fg_fraction}: "
+                          f"the two shares add up to more than 1; lower one of them")
     if cfg.ct_channel == cfg.pet_channel:
         raise ConfigError(f"--ct_channel and --pet_channel are both {cfg.ct_channel}; they must differ")
     if cfg.n_folds == 1 or cfg.n_folds < 0:

@@ -87,7 +87,7 @@ def build_train_set(cfg: config.Config, studies: list) -> "data.PetCtSliceDatase
         context_slices=cfg.context_slices, samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
         seed=cfg.seed, aux_target=cfg.aux_target, aux_classes=aux_classes(cfg) or None,
         uptake_suv=cfg.uptake_suv, suv_max=cfg.suv_max, p_misalign=cfg.p_misalign,
-        inplane=cfg.inplane, fg_sampling=cfg.fg_sampling)
+        inplane=cfg.inplane, fg_sampling=cfg.fg_sampling, hot_fraction=cfg.hot_fraction)
 
 
 def inference_options(cfg: config.Config) -> dict:

@@ -25,6 +25,14 @@ Sampling (nnU-Net's foreground oversampling, default share 1/3): with probabilit
 studies; otherwise a slice uniform over all slices of all studies (tumour slices included,
 so the expected tumour-slice share is fg_fraction + (1 - fg_fraction) * natural share).
 If no study has tumour, every item is drawn uniformly.
+`hot_fraction` (default 0 = off) adds a third kind of item, hard negatives that need no labels:
+with probability `hot_fraction` an item is a tumour-free slice with physiological uptake, one
+whose PET exceeds `uptake_suv` somewhere (the uptake target's definition, data/targets.py),
+uniform over all such slices of all studies; the uniform share shrinks to
+1 - fg_fraction - hot_fraction. The false positives of short runs sit on this uptake (urinary
+tract, brown fat: README); a uniform draw lands on such a slice only in proportion to how many
+there are (about half the tumour-free slices of the phantom at SUV 3). With hot_fraction 0 the
+draws are exactly those without the option.
 `fg_sampling="lesion"` draws the tumour items lesion by lesion instead: a lesion uniform over
 all lesions (18-connected components of the 3-D masks) of all studies, then a slice uniform
 over the slices it spans. Slice-uniform sampling sees a lesion in proportion to its axial
@@ -80,7 +88,7 @@ import torch
 import torch.nn.functional as F
 
 from data.study import DataError
-from data.targets import UPTAKE_SUV, uptake_from_channel
+from data.targets import UPTAKE_SUV, suv_from_channel, uptake_from_channel, uptake_target
 
 # Augmentation settings (applied to training items when augment=True).
 P_AFFINE = 0.5  # probability of a small rotation + scale (bilinear resampling blurs a little)
@@ -141,14 +149,16 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
 
     studies: CachedStudy-like (shape (X, Y, Z), fg_slices, image() (Z, 2, X, Y), mask() (Z, X, Y);
       for aux_target="organs" also has_organs, max_organ_label, organs() (Z, X, Y); spacing for
-      p_misalign; suv_max for "uptake").
+      p_misalign; suv_max for "uptake" and hot_fraction).
     Item: (image float32 (C, S, S), mask float32 (1, S, S)), C = 2 * (2 * context_slices + 1);
     with aux_target "organs" / "uptake": (image, mask, aux int64 (S, S) class indices in
     0 .. aux_classes - 1).
     aux_classes: "organs": number of organ classes (None: max label over the studies + 1);
       "uptake": 2 (None gives 2); "none": ignored, `self.aux_classes` is 0.
-    uptake_suv: threshold of the uptake target in SUV; suv_max: the cache's SUV clip (None: read
-      from the studies, which record it).
+    uptake_suv: threshold of the uptake target (and of the hot slices) in SUV; suv_max: the
+      cache's SUV clip (None: read from the studies, which record it).
+    hot_fraction: share of hard-negative items, tumour-free slices with PET above uptake_suv
+      (module docstring); fg_fraction + hot_fraction <= 1.
     p_misalign: probability of the CT-only misalignment augmentation (module docstring).
     inplane: "resize" (slices resampled to S x S) or "patch" (S x S crops at the cached
       resolution; module docstring). Items have the same shapes in both modes.
@@ -158,7 +168,8 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
                  augment: bool = True, context_slices: int = 0, samples_per_epoch: int,
                  seed: int = 0, aux_target: str = "none", aux_classes: int | None = None,
                  uptake_suv: float = UPTAKE_SUV, suv_max: float | None = None,
-                 p_misalign: float = 0.0, inplane: str = "resize", fg_sampling: str = "slice"):
+                 p_misalign: float = 0.0, inplane: str = "resize", fg_sampling: str = "slice",
+                 hot_fraction: float = 0.0):
         if not studies:
             raise DataError("PetCtSliceDataset got no studies; check the split (train set empty?)")
         if img_size < 1 or samples_per_epoch < 1 or context_slices < 0 or seed < 0:
@@ -166,6 +177,9 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
                             f"be >= 1 and context_slices={context_slices}, seed={seed} >= 0")
         if not 0.0 <= fg_fraction <= 1.0:
             raise DataError(f"fg_fraction={fg_fraction} must be within [0, 1]")
+        if hot_fraction < 0.0 or fg_fraction + hot_fraction > 1.0 + 1e-9:
+            raise DataError(f"hot_fraction={hot_fraction} must be within [0, 1 - fg_fraction = "
+                            f"{1.0 - fg_fraction:g}]: the two shares and the uniform one add up to 1")
         if not 0.0 <= p_misalign <= 1.0:
             raise DataError(f"p_misalign={p_misalign} must be within [0, 1]")
         if fg_sampling not in FG_SAMPLING:
@@ -177,7 +191,9 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         self.aux_target, self.p_misalign = aux_target, p_misalign
         self.aux_classes = _aux_classes(self.studies, aux_target, aux_classes)
         self.uptake_suv = uptake_suv
-        self.suv_max = _suv_max(self.studies, suv_max, uptake_suv) if aux_target == "uptake" else suv_max
+        needs_suv = aux_target == "uptake" or hot_fraction > 0
+        self.suv_max = _suv_max(self.studies, suv_max, uptake_suv) if needs_suv else suv_max
+        self.hot_fraction = hot_fraction
         self.img_size, self.fg_fraction, self.augment = img_size, fg_fraction, augment
         self.context_slices, self.seed = context_slices, seed
         self.samples_per_epoch = samples_per_epoch
@@ -188,6 +204,13 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         self.fg_sampling = fg_sampling
         # lesion mode: (n_lesions, 3) study index, first z, last z of each lesion
         self._lesions = lesion_extents(self.studies) if fg_sampling == "lesion" else None
+        # hot_fraction > 0: (n_hot_slices, 2) study index, z of the tumour-free slices with uptake
+        self._hot = (hot_slices(self.studies, self.suv_max, uptake_suv) if hot_fraction > 0
+                     else np.zeros((0, 2), np.int64))
+        if hot_fraction > 0 and not len(self._hot):
+            raise DataError(f"hot_fraction={hot_fraction}: no tumour-free slice of the "
+                            f"{len(self.studies)} training studies has PET above uptake_suv="
+                            f"{uptake_suv} SUV; lower uptake_suv or set hot_fraction=0")
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._maps: OrderedDict = OrderedDict()
 
@@ -211,35 +234,47 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         return state
 
     def pick(self, rng: np.random.Generator) -> tuple[int, int]:
-        """(study index, z) of one item: a tumour slice with probability fg_fraction."""
+        """(study index, z) of one item: a tumour slice with probability fg_fraction, a hot
+        tumour-free slice with probability hot_fraction."""
         return self._pick(rng)[:2]
 
-    def _pick(self, rng: np.random.Generator) -> tuple[int, int, bool]:
-        """(study index, z, drawn as a tumour item). The draws of `pick`: two per item."""
-        if len(self._fg) and rng.random() < self.fg_fraction:
-            if self._lesions is not None:  # a lesion, then one of its slices (three draws)
-                k, z0, z1 = self._lesions[rng.integers(len(self._lesions))]
-                return int(k), int(z0 + rng.integers(z1 - z0 + 1)), True
-            k, z = self._fg[rng.integers(len(self._fg))]
-            return int(k), int(z), True
+    def _pick(self, rng: np.random.Generator) -> tuple[int, int, str]:
+        """(study index, z, kind): kind "tumour", "hot" or "any" (uniform). The draws of `pick`:
+        two per item (three for a lesion-mode tumour item); the same as without hot_fraction
+        when it is 0."""
+        hot = self.hot_fraction > 0
+        if len(self._fg) or hot:
+            r = rng.random()
+            fg = self.fg_fraction if len(self._fg) else 0.0
+            if r < fg:
+                if self._lesions is not None:  # a lesion, then one of its slices (three draws)
+                    k, z0, z1 = self._lesions[rng.integers(len(self._lesions))]
+                    return int(k), int(z0 + rng.integers(z1 - z0 + 1)), "tumour"
+                k, z = self._fg[rng.integers(len(self._fg))]
+                return int(k), int(z), "tumour"
+            if hot and r < fg + self.hot_fraction:
+                k, z = self._hot[rng.integers(len(self._hot))]
+                return int(k), int(z), "hot"
         g = rng.integers(self._starts[-1])
         k = int(np.searchsorted(self._starts, g, side="right")) - 1
-        return k, int(g - self._starts[k]), False
+        return k, int(g - self._starts[k]), "any"
 
-    def crop_start(self, i: int, mask: np.ndarray, tumour: bool) -> tuple[int, int]:
+    def crop_start(self, i: int, region: np.ndarray, centred: bool) -> tuple[int, int]:
         """Patch mode: (x0, y0), the crop's first pixel in slice coordinates (negative along an
         axis where the slice is smaller than the patch), for item i of the current epoch.
 
-        mask (X, Y) of the item's slice. Drawn from `default_rng([seed, epoch, i, 2])`:
-        tumour item: a tumour voxel c uniform over the slice's tumour voxels, per axis
+        region (X, Y) of the item's slice: its tumour mask for a tumour item, its uptake map for
+        a hot item (`_crop_region`); only its shape matters when not centred. Drawn from
+        `default_rng([seed, epoch, i, 2])`:
+        centred item: a voxel c uniform over the region's nonzero voxels, per axis
           x0 = clip(c - S // 2 + U{-S // 4 .. S // 4}, lo, hi), so c lies in the crop;
         other item: x0 = U{lo .. hi};  lo = min(0, X - S), hi = max(0, X - S).
         """
         size = self.img_size
         rng = np.random.default_rng([self.seed, self.epoch, int(i), 2])
-        bounds = [(min(0, n - size), max(0, n - size)) for n in mask.shape]
-        if tumour:
-            xs, ys = np.nonzero(mask)
+        bounds = [(min(0, n - size), max(0, n - size)) for n in region.shape]
+        if centred:
+            xs, ys = np.nonzero(region)
             if len(xs):
                 j = rng.integers(len(xs))
                 starts = []
@@ -249,22 +284,33 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
                 return starts[0], starts[1]
         return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in bounds)
 
+    def _crop_region(self, kind: str, image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        """What a patch-mode crop centres on: the tumour mask (X, Y) of a tumour item, the uptake
+        map (PET of the centre slice above uptake_suv, not tumour) of a hot item; the mask
+        (shape only) otherwise."""
+        if kind == "hot":
+            pet = image[2 * self.context_slices + 1].numpy()
+            return uptake_from_channel(pet, mask[0].numpy(), self.suv_max, self.uptake_suv)
+        return mask[0].numpy()
+
     def locate(self, i: int) -> tuple[int, int, tuple[int, int] | None]:
         """(study index, z, crop start or None in resize mode) of item i of the current epoch:
         where the item comes from, without building it."""
-        k, z, tumour = self._pick(np.random.default_rng([self.seed, self.epoch, int(i)]))
+        k, z, kind = self._pick(np.random.default_rng([self.seed, self.epoch, int(i)]))
         if self.inplane != "patch":
             return k, z, None
-        return k, z, self.crop_start(i, np.asarray(self._open(k)[1][z]), tumour)
+        image, mask = self._read(k, z)
+        return k, z, self.crop_start(i, self._crop_region(kind, image, mask), kind != "any")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         if not 0 <= i < self.samples_per_epoch:
             raise IndexError(f"item {i} outside 0..{self.samples_per_epoch - 1}")
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        k, z, tumour = self._pick(rng)
+        k, z, kind = self._pick(rng)
         image, mask = self._read(k, z)  # (C, X, Y), (1, X, Y)
         aux = self._read_aux(k, z, image, mask)  # (X, Y) int64 or None
-        crop = self.crop_start(i, mask[0].numpy(), tumour) if self.inplane == "patch" else None
+        crop = (self.crop_start(i, self._crop_region(kind, image, mask), kind != "any")
+                if self.inplane == "patch" else None)
         if self.augment:
             if self.p_misalign > 0:
                 rng_misalign = np.random.default_rng([self.seed, self.epoch, int(i), 1])
@@ -334,6 +380,22 @@ def lesion_extents(studies: Sequence) -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
+def hot_slices(studies: Sequence, suv_max: float, uptake_suv: float = UPTAKE_SUV) -> np.ndarray:
+    """(n, 2) int64: study index, z of every tumour-free slice whose cached PET exceeds
+    `uptake_suv` somewhere (strictly, as `data.targets.uptake_target`), in study and z order:
+    the slices `hot_fraction` draws from. Reads each study's PET channel once (image() (Z, 2,
+    X, Y), mask() (Z, X, Y))."""
+    rows = []
+    for k, study in enumerate(studies):
+        image, mask = study.image(), study.mask()
+        for z0 in range(0, image.shape[0], 64):  # a few slices at a time: bounded memory
+            pet_max = np.asarray(image[z0:z0 + 64, 1], np.float32).max(axis=(1, 2))
+            tumour = np.asarray(mask[z0:z0 + 64]).reshape(len(pet_max), -1).any(axis=1)
+            hot = uptake_target(suv_from_channel(pet_max, suv_max), None, uptake_suv) > 0
+            rows += [(k, z0 + z) for z in np.nonzero(hot & ~tumour)[0]]
+    return np.array(rows, np.int64).reshape(-1, 2)
+
+
 def _aux_classes(studies: list, aux_target: str, aux_classes: int | None) -> int:
     """Number of aux classes for `aux_target`, checked against the studies (DataError naming the
     first study that does not fit, and the fix)."""
@@ -370,7 +432,7 @@ def _suv_max(studies: list, suv_max: float | None, uptake_suv: float) -> float:
     recorded = {float(s.suv_max) for s in studies if getattr(s, "suv_max", None) is not None}
     if suv_max is None:
         if len(recorded) != 1:
-            raise DataError(f"aux_target='uptake' needs the cache's suv_max (the studies record "
+            raise DataError(f"aux_target='uptake' and hot_fraction need the cache's suv_max (the studies record "
                             f"{sorted(recorded) or 'none'}); pass suv_max=<the value used by prepare_cache>")
         suv_max = recorded.pop()
     elif recorded - {float(suv_max)}:

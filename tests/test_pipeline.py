@@ -313,6 +313,71 @@ def test_lesion_sampling_draws_every_lesion_equally(tmp_path):
         PetCtSliceDataset([cs], img_size=16, samples_per_epoch=4, fg_sampling="voxel")
 
 
+def hot_study(shape=(40, 24, 20)):
+    """PET at SUV 1 everywhere, tumour (SUV 10) on slices 2-3, physiological uptake (SUV 8, no
+    tumour) at one voxel of slices 5 and 6, SUV 2.9 (below the 3.0 threshold) on slice 9."""
+    study = make_study(shape=shape, tumour=False)
+    study.pet[:] = 1.0
+    study.mask[3:6, 2:5, 2:4] = 1
+    study.pet[3:6, 2:5, 2:4] = 10.0
+    study.pet[30, 4, 5] = study.pet[7, 20, 6] = 8.0
+    study.pet[10, 10, 9] = 2.9
+    return study
+
+
+def test_hot_slices_and_their_share(tmp_path):
+    from data.dataset import hot_slices
+    (cs,) = prepare_cache([hot_study()], tmp_path, progress=False)
+    np.testing.assert_array_equal(hot_slices([cs], cs.suv_max, 3.0), [[0, 5], [0, 6]])
+    np.testing.assert_array_equal(hot_slices([cs], cs.suv_max, 0.5), [[0, z] for z in range(20) if z not in (2, 3)])
+    ds = PetCtSliceDataset([cs], img_size=16, fg_fraction=0.25, hot_fraction=0.5, augment=False,
+                           samples_per_epoch=4000, seed=0)
+    z = np.array([ds.locate(i)[1] for i in range(len(ds))])
+    # tumour 0.25 + uniform 0.25 * 2/20; hot 0.5 + uniform 0.25 * 2/20; the rest uniform
+    assert abs(np.isin(z, (2, 3)).mean() - 0.275) < 0.03  # binomial sd ~0.007
+    assert abs(np.isin(z, (5, 6)).mean() - 0.525) < 0.03
+    assert abs((z == 5).mean() - (z == 6).mean()) < 0.04  # uniform over the hot slices
+    assert abs(np.isin(z, (0, 1, 4, 7, 8, 9)).mean() - 0.25 * 6 / 20) < 0.02
+
+
+def test_hot_fraction_zero_keeps_the_draws(cached):
+    # the picks of the code before hot_fraction existed (fg_fraction 0.33, seed 0, epoch 1)
+    ds = PetCtSliceDataset(cached, img_size=16, fg_fraction=0.33, augment=False,
+                           samples_per_epoch=24, seed=0)
+    ds.set_epoch(1)
+    assert [tuple(ds.locate(i)[:2]) for i in range(24)] == [
+        (3, 19), (3, 5), (1, 3), (3, 0), (0, 2), (1, 4), (0, 2), (2, 6), (0, 16), (3, 13),
+        (0, 3), (3, 19), (1, 2), (1, 2), (2, 15), (0, 3), (1, 7), (0, 11), (0, 2), (1, 2),
+        (3, 18), (3, 1), (2, 0), (3, 5)]
+
+
+def test_hot_patch_crop_holds_the_uptake(tmp_path):
+    (cs,) = prepare_cache([hot_study()], tmp_path, progress=False)
+    ds = PetCtSliceDataset([cs], img_size=16, fg_fraction=0.0, hot_fraction=1.0, augment=False,
+                           samples_per_epoch=60, seed=0, inplane="patch")
+    for i in range(len(ds)):
+        k, z, (x0, y0) = ds.locate(i)
+        assert z in (5, 6)
+        x, y = (30, 4) if z == 5 else (7, 20)
+        assert x0 <= x < x0 + 16 and y0 <= y < y0 + 16  # the hot voxel lies in the crop
+        image, _ = ds[i]
+        assert image[1].max().item() == pytest.approx(-0.2, abs=0.01)  # SUV 8: 2 * 8 / 20 - 1
+
+
+def test_hot_fraction_errors(tmp_path):
+    study = hot_study()
+    study.pet[30, 4, 5] = study.pet[7, 20, 6] = 1.0  # no uptake left outside the tumour
+    (cs,) = prepare_cache([study], tmp_path, progress=False)
+    with pytest.raises(DataError, match="no tumour-free slice .* uptake_suv=3.0"):
+        PetCtSliceDataset([cs], img_size=16, hot_fraction=0.3, samples_per_epoch=4)
+    with pytest.raises(DataError, match="hot_fraction=0.8 must be within"):
+        PetCtSliceDataset([cs], img_size=16, fg_fraction=0.33, hot_fraction=0.8, samples_per_epoch=4)
+    import config
+    with pytest.raises(config.ConfigError, match="--hot_fraction=0.8 with --fg_fraction=0.33"):
+        config.parse_cli(["--hot_fraction=0.8"])
+    assert config.parse_cli(["--hot_fraction=0.67"]).hot_fraction == 0.67  # 0.33 + 0.67 = 1
+
+
 def test_items_depend_on_seed_epoch_index_only(cached):
     make = lambda: PetCtSliceDataset(cached, img_size=32, samples_per_epoch=12, seed=7)
     a, b = make(), make()
