@@ -67,7 +67,9 @@ _NOT_RECIPE = {"out_dir", "run_name", "cache_dir", "seed"}
 
 
 @pytest.mark.parametrize("preset, evidence, evaluation", [
-    ("cpu", "results/main_cpu", "eval"),
+    ("cpu", "results/main_cpu_hot50", "eval"),
+    ("cpu", "results/main_cpu_hot50_s1", "eval"),
+    ("cpu", "results/main_cpu_hot50_s2", "eval"),
     ("cpu_long", "results/cpu_long_bf16", "eval-average0.75-tta"),
     ("cpu_long", "results/cpu_long_bf16_s1", "eval-average0.75-tta"),
     ("cpu_long", "results/cpu_long_s2", "eval"),
