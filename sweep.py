@@ -185,11 +185,11 @@ _STUDY_DATA = dict(phantom_cases=100, phantom_test_seed=None, phantom_size="demo
 _NESTED_DATA = dict(phantom_cases=50, phantom_test_seed=1, phantom_size="demo", n_val=10,
                     n_test=50, split_seed=0, save_overlays=False)
 # the sweep's runs start from the plain model: none of the cpu preset's recipe (uptake head,
-# moving average, tuned post-processing, its lr 1.5e-3, flip TTA) unless a configuration asks
-# for it; lr 3e-3, validation after every epoch and no TTA are what every grid was defined and
-# run with
+# moving average, tuned post-processing, its lr 1.5e-3, flip TTA, hard negatives) unless a
+# configuration asks for it; lr 3e-3, validation after every epoch, no TTA and uniform
+# non-tumour slices are what every grid was defined and run with
 _PLAIN = dict(aux_target="none", ema_decay=0.0, tune_postprocess=False, lr=3e-3, val_every=1,
-              tta=False)
+              tta=False, hot_fraction=0.0)
 BUDGETS = {
     # ~400 optimiser steps of batch 16 per run on 2 CPU cores
     "cpu": dict(preset="cpu", epochs=8, steps_per_epoch=50, batch_size=16, warmup_steps=30,

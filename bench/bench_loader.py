@@ -5,11 +5,12 @@
 
 Studies: `data.phantom.make_study(i, "demo")` (synthetic 128 x 128 x 116 arrays if the phantom
 is missing), preprocessed with data.prepare_cache into a temporary folder. The loader runs
-the cpu preset's PetCtSliceDataset (augmentation, fg_fraction, context_slices) through a
+the cpu preset's PetCtSliceDataset (augmentation, fg_fraction, hot_fraction, context_slices) through a
 DataLoader with num_workers 0 and 2; the model side is one optimiser step (forward, loss,
 backward, AdamW) of `models.build_model("transunet_small", img_size=128)`. Prints slices/s of
 each and the ratio loader / model: with num_workers=0 the loader runs in the training process,
-so a ratio r costs the training loop about 1 / (1 + r) of its time.
+so a ratio r costs the training loop about 1 / (1 + r) of its time. The preset's hard negatives
+(hot_fraction) against none, alternated: the loader's slices/s of each and their ratio.
 """
 from __future__ import annotations
 
@@ -109,14 +110,33 @@ def main() -> None:
                                 suv_max=cfg.suv_max, progress=False)
         print(f"prepared {len(studies)} studies ({sum(s.shape[2] for s in studies)} slices, "
               f"in-plane {studies[0].shape[:2]}) in {time.perf_counter() - t0:.1f} s")
-        train_set = PetCtSliceDataset(
-            studies, img_size=cfg.img_size, fg_fraction=cfg.fg_fraction, augment=cfg.augment,
-            context_slices=cfg.context_slices,
-            samples_per_epoch=(args.batches + 2) * cfg.batch_size, seed=0)
+        def make(hot_fraction: float) -> tuple[PetCtSliceDataset, float]:
+            start = time.perf_counter()
+            ds = PetCtSliceDataset(
+                studies, img_size=cfg.img_size, fg_fraction=cfg.fg_fraction,
+                augment=cfg.augment, context_slices=cfg.context_slices,
+                samples_per_epoch=(args.batches + 2) * cfg.batch_size, seed=0,
+                hot_fraction=hot_fraction, uptake_suv=cfg.uptake_suv)
+            return ds, time.perf_counter() - start
+
+        train_set, _ = make(cfg.hot_fraction)
         rates = {w: loader_rate(train_set, cfg.batch_size, w, args.batches) for w in (0, 2)}
+        # the preset's hard negatives against none, num_workers=0, alternated so a shared CPU
+        # slows both alike: what drawing the hot slices costs (building the set scans the PET)
+        hot = {h: make(h) for h in (0.0, cfg.hot_fraction)}
+        hot_rates: dict[float, list[float]] = {h: [] for h in hot}
+        for _ in range(3):
+            for h, (ds, _) in hot.items():
+                hot_rates[h].append(loader_rate(ds, cfg.batch_size, 0, args.batches))
     consume, what = model_rate(cfg, args.steps)
     for w, rate in rates.items():
         print(f"loader num_workers={w}: {rate:8.1f} slices/s")
+    for h, (_, built) in hot.items():
+        print(f"loader num_workers=0, hot_fraction={h:g}: {np.median(hot_rates[h]):8.1f} slices/s "
+              f"(median of 3), set built in {built:.2f} s")
+    h0, h1 = 0.0, cfg.hot_fraction
+    print(f"ratio loader hot_fraction={h0:g} / hot_fraction={h1:g}: "
+          f"{np.median(hot_rates[h0]) / np.median(hot_rates[h1]):.2f}x")
     if consume is None:
         print(f"model: not measured: {what}")
         return

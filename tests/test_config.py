@@ -67,6 +67,7 @@ _NOT_RECIPE = {"out_dir", "run_name", "cache_dir", "seed"}
 
 
 @pytest.mark.parametrize("preset, evidence, evaluation", [
+    ("cpu", "results/main_cpu_hot", "eval"),
     ("cpu", "results/main_cpu_hot50", "eval"),
     ("cpu", "results/main_cpu_hot50_s1", "eval"),
     ("cpu", "results/main_cpu_hot50_s2", "eval"),
