@@ -119,11 +119,12 @@ def main() -> None:
                 hot_fraction=hot_fraction, uptake_suv=cfg.uptake_suv)
             return ds, time.perf_counter() - start
 
-        train_set, _ = make(cfg.hot_fraction)
+        # the preset's set, and one without hard negatives beside it
+        hot = {h: make(h) for h in (0.0, cfg.hot_fraction)}
+        train_set = hot[cfg.hot_fraction][0]
         rates = {w: loader_rate(train_set, cfg.batch_size, w, args.batches) for w in (0, 2)}
         # the preset's hard negatives against none, num_workers=0, alternated so a shared CPU
         # slows both alike: what drawing the hot slices costs (building the set scans the PET)
-        hot = {h: make(h) for h in (0.0, cfg.hot_fraction)}
         hot_rates: dict[float, list[float]] = {h: [] for h in hot}
         for _ in range(3):
             for h, (ds, _) in hot.items():

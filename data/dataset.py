@@ -299,8 +299,11 @@ class PetCtSliceDataset(torch.utils.data.Dataset):
         k, z, kind = self._pick(np.random.default_rng([self.seed, self.epoch, int(i)]))
         if self.inplane != "patch":
             return k, z, None
-        image, mask = self._read(k, z)
-        return k, z, self.crop_start(i, self._crop_region(kind, image, mask), kind != "any")
+        if kind == "hot":  # the uptake map needs the PET; any other item only the mask
+            region = self._crop_region(kind, *self._read(k, z))
+        else:
+            region = np.asarray(self._open(k)[1][z])
+        return k, z, self.crop_start(i, region, kind != "any")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         if not 0 <= i < self.samples_per_epoch:
@@ -384,15 +387,16 @@ def hot_slices(studies: Sequence, suv_max: float, uptake_suv: float = UPTAKE_SUV
     """(n, 2) int64: study index, z of every tumour-free slice whose cached PET exceeds
     `uptake_suv` somewhere (strictly, as `data.targets.uptake_target`), in study and z order:
     the slices `hot_fraction` draws from. Reads each study's PET channel once (image() (Z, 2,
-    X, Y), mask() (Z, X, Y))."""
+    X, Y)); the tumour slices are the cache's `fg_slices`."""
     rows = []
     for k, study in enumerate(studies):
-        image, mask = study.image(), study.mask()
-        for z0 in range(0, image.shape[0], 64):  # a few slices at a time: bounded memory
-            pet_max = np.asarray(image[z0:z0 + 64, 1], np.float32).max(axis=(1, 2))
-            tumour = np.asarray(mask[z0:z0 + 64]).reshape(len(pet_max), -1).any(axis=1)
-            hot = uptake_target(suv_from_channel(pet_max, suv_max), None, uptake_suv) > 0
-            rows += [(k, z0 + z) for z in np.nonzero(hot & ~tumour)[0]]
+        image = study.image()
+        pet_max = np.concatenate([  # a few slices at a time: bounded memory
+            np.asarray(image[z0:z0 + 64, 1], np.float32).max(axis=(1, 2))
+            for z0 in range(0, image.shape[0], 64)])
+        hot = uptake_target(suv_from_channel(pet_max, suv_max), None, uptake_suv) > 0
+        hot[list(study.fg_slices)] = False
+        rows += [(k, int(z)) for z in np.flatnonzero(hot)]
     return np.array(rows, np.int64).reshape(-1, 2)
 
 
