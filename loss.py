@@ -305,22 +305,32 @@ class AuxSegLoss(nn.Module):
         if target.dtype != torch.int64:
             raise ValueError(f"loss: aux target dtype {target.dtype}; pass int64 class indices (target.long()).")
 
-    def soft_dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """1 - mean over foreground classes of the batch soft Dice (class docstring), float32."""
-        p = torch.softmax(logits.float(), dim=1)  # (B, K, ...)
-        onehot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(p.dtype)  # (B, K, ...)
-        axes = [0, *range(2, p.dim())]
-        tp = (p * onehot).sum(axes)  # (K,)
-        fp = p.sum(axes) - tp
-        fn = onehot.sum(axes) - tp
+    def _terms(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE, 1 - mean foreground Dice), float32, from one log-softmax and no one-hot tensor.
+
+        CE = -mean log p[true class]; per class k: TP_k = the true-class probabilities of the
+        voxels of class k summed (index_add), FP_k = sum p_k - TP_k, FN_k = n_k - TP_k. The same
+        values and gradients as F.cross_entropy plus a one-hot Dice (tested), without a
+        (B, K, ...) one-hot copy and a second softmax: about half the loss's time at K = 16 on
+        a CPU (bench/bench_aux_loss.py).
+        """
+        logp = torch.log_softmax(logits.float(), dim=1)  # (B, K, ...)
+        logp_true = logp.gather(1, target.unsqueeze(1)).reshape(-1)  # (N,)
+        ce = -logp_true.mean()
+        p = logp.exp()
+        flat = target.reshape(-1)
+        tp = torch.zeros(self.num_classes, dtype=p.dtype, device=p.device).index_add(
+            0, flat, logp_true.exp())  # (K,)
+        n = torch.bincount(flat, minlength=self.num_classes).to(p.dtype)  # (K,)
+        fp = p.sum([0, *range(2, p.dim())]) - tp
+        fn = n - tp
         dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth).clamp_min(1e-8)
-        return 1.0 - dice[1:].mean()
+        return ce, 1.0 - dice[1:].mean()
 
     def parts(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check(logits, target)
         with _no_autocast(logits):
-            ce = F.cross_entropy(logits.float(), target)
-            dice = self.soft_dice(logits, target)
+            ce, dice = self._terms(logits, target)
             return {"ce": ce, "dice": dice, "total": self.w_ce * ce + self.w_dice * dice}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

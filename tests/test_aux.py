@@ -307,6 +307,28 @@ def test_aux_seg_loss_by_hand():
         AuxSegLoss(3)(logits, target.float())
 
 
+def test_aux_seg_loss_matches_one_hot_reference_with_gradients():
+    # the loss gathers the true-class terms instead of building a one-hot tensor: the same value
+    # and the same gradient as cross-entropy + a one-hot batch Dice, at the organ head's 16
+    # classes, with classes absent from the batch (their Dice is the smooth-only ~1 or ~0)
+    torch.manual_seed(3)
+    logits = (2.0 * torch.randn(3, 16, 12, 10, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, 12, (3, 12, 10))  # classes 12-15 absent
+    got = AuxSegLoss(16, w_ce=0.7, w_dice=1.3).parts(logits, target)
+    g_got = torch.autograd.grad(got["total"], logits)[0]
+    p = torch.softmax(logits, 1)
+    onehot = F.one_hot(target, 16).movedim(-1, 1).to(p.dtype)
+    tp = (p * onehot).sum((0, 2, 3))
+    fp, fn = (p * (1 - onehot)).sum((0, 2, 3)), ((1 - p) * onehot).sum((0, 2, 3))
+    dice = 1 - ((2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5))[1:].mean()
+    ce = F.cross_entropy(logits, target)
+    ref = 0.7 * ce + 1.3 * dice
+    g_ref = torch.autograd.grad(ref, logits)[0]
+    torch.testing.assert_close(got["ce"].double(), ce.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["dice"].double(), dice.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_got.double(), g_ref, rtol=1e-5, atol=1e-8)
+
+
 def test_with_auxiliary_parts_and_autocast():
     torch.manual_seed(1)
     logits = torch.randn(2, 1 + 4, 8, 8)

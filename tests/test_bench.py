@@ -68,3 +68,23 @@ def test_precision_bench_prints_both_ratios(capsys):
     infer = float(re.search(r"ratio float32/bf16 inference: ([\d.]+)x", out)[1])
     assert train == pytest.approx(times["float32"][0] / times["bf16"][0], abs=0.02)
     assert infer == pytest.approx(times["float32"][1] / times["bf16"][1], abs=0.02)
+
+
+def test_aux_loss_bench_compares_the_same_loss(capsys):
+    """bench/bench_aux_loss.py: the one-hot reference it times against AuxSegLoss is the same
+    loss (value and gradient), and the printed ratio is the medians' quotient."""
+    bench = load_bench("bench_aux_loss")
+    torch = pytest.importorskip("torch")
+    logits = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 6, 7))
+    from loss import AuxSegLoss
+    torch.testing.assert_close(bench.one_hot_loss(logits, target, 5).double(),
+                               AuxSegLoss(5)(logits, target).double())
+    bench.main(["--batch=2", "--classes=5", "--size=16", "--repeats=2", "--threads=1"])
+    out = capsys.readouterr().out
+    ms = {m[1]: float(m[2]) for m in re.finditer(r"^\s+(one-hot|gathered) .*?([\d.]+) ms$", out, re.M)}
+    assert set(ms) == {"one-hot", "gathered"}, out
+    ratio = float(re.search(r"ratio one-hot / gathered\s+([\d.]+)x", out)[1])
+    assert ratio == pytest.approx(ms["one-hot"] / ms["gathered"], rel=0.05, abs=0.02)
+    diff = float(re.search(r"\|value difference\| ([\d.e+-]+),", out)[1])
+    assert diff < 1e-5
