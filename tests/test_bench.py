@@ -88,3 +88,54 @@ def test_aux_loss_bench_compares_the_same_loss(capsys):
     assert ratio == pytest.approx(ms["one-hot"] / ms["gathered"], rel=0.05, abs=0.02)
     diff = float(re.search(r"\|value difference\| ([\d.e+-]+),", out)[1])
     assert diff < 1e-5
+
+
+def _frontier_studies():
+    """A tumour study (a 64-voxel lesion at p 0.9, SUV 10, and an 8-voxel one at p 0.45, SUV 5)
+    and a tumour-free one (a 27-voxel blob at p 0.55, SUV 2), 4 mm voxels (0.064 ml)."""
+    import numpy as np
+    spacing = (4.0, 4.0, 4.0)
+    ref = np.zeros((20, 20, 20), bool)
+    ref[2:6, 2:6, 2:6] = ref[12:14, 12:14, 12:14] = True
+    prob, suv = np.zeros(ref.shape), np.ones(ref.shape)
+    prob[2:6, 2:6, 2:6], suv[2:6, 2:6, 2:6] = 0.9, 10.0
+    prob[12:14, 12:14, 12:14], suv[12:14, 12:14, 12:14] = 0.45, 5.0
+    prob_free, suv_free = np.zeros(ref.shape), np.ones(ref.shape)
+    prob_free[5:8, 5:8, 5:8], suv_free[5:8, 5:8, 5:8] = 0.55, 2.0
+    return [(prob, ref, suv, spacing), (prob_free, np.zeros_like(ref), suv_free, spacing)]
+
+
+def test_pp_frontier_scores_every_setting_by_hand():
+    """bench/pp_frontier.py: Dice, FPV and recall of each post-processing setting on hand-made
+    studies, the settings that meet the targets, the trade-off, and the validation choice."""
+    import numpy as np
+    from metrics import case_metrics
+    frontier = load_bench("pp_frontier")
+    studies = _frontier_studies()
+    grid = {"threshold": (0.4, 0.5), "suv_floor": (0.0, 2.5), "min_component_ml": (0.0,),
+            "min_component_suvmax": (0.0,)}
+    rows = {(r["threshold"], r["suv_floor"]): r for r in frontier.score_grid(studies, grid)}
+    blob_ml = 27 * 0.064
+    expected = {(0.4, 0.0): (1.0, blob_ml, 1.0), (0.4, 2.5): (1.0, 0.0, 1.0),
+                (0.5, 0.0): (2 * 64 / (64 + 72), blob_ml, 0.5), (0.5, 2.5): (2 * 64 / (64 + 72), 0.0, 0.5)}
+    for key, (dice, fpv, recall) in expected.items():
+        assert (rows[key]["dice"], rows[key]["fpv_ml"], rows[key]["recall"]) == pytest.approx((dice, fpv, recall)), key
+    # study_scores agrees with the evaluation's own case_metrics
+    for prob, ref, suv, spacing in studies:
+        for thr in (0.4, 0.5):
+            mine, theirs = frontier.study_scores(prob > thr, ref, spacing), case_metrics(prob > thr, ref, spacing)
+            assert mine["fpv_ml"] == pytest.approx(theirs["fpv_ml"])
+            assert mine["n_detected"] == theirs["n_lesions_detected"]
+            assert np.isnan(mine["dice"]) == np.isnan(theirs["dice"])
+            if ref.any():
+                assert mine["dice"] == pytest.approx(theirs["dice"])
+    result = frontier.summarise(list(rows.values()), {"threshold": 0.5, "suv_floor": 0.0,
+                                                     "min_component_ml": 0.0, "min_component_suvmax": 0.0})
+    assert result["n_meet_all"] == 1 and result["meet_all"][0]["suv_floor"] == 2.5
+    assert [(r["threshold"], r["suv_floor"]) for r in result["trade_off"]] == [(0.4, 2.5)]
+    assert result["chosen_on_validation"]["recall"] == 0.5
+    assert result["best_recall_within_fpv"]["threshold"] == 0.4
+    text = frontier.to_markdown({**result, "run_dir": "runs/x", "git_commit": "abc",
+                                 "checkpoint": "best", "tta": True})
+    assert "Settings that meet all three targets: 1 of 4." in text
+    assert "| chosen on the validation studies (the run's evaluation) | threshold 0.5, suv_floor 0" in text
