@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 for folder in (ROOT, ROOT / "bench"):  # the project, and fp_by_organ's report writer
@@ -38,7 +39,7 @@ import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 from fp_by_organ import report  # noqa: E402
-from metrics import _union_bbox, match_lesions, postprocess_grid, postprocess_mask  # noqa: E402
+from metrics import CONNECTIVITY_18, _union_bbox, match_lesions, postprocess_grid  # noqa: E402
 
 TARGETS = {"dice": 0.45, "fpv_ml": 1.0, "recall": 0.6}  # issue #13, the 15-minute run
 SETTING_KEYS = ("threshold", "suv_floor", "min_component_ml", "min_component_suvmax")
@@ -69,16 +70,48 @@ def grid_settings(grid: dict) -> list[dict]:
             itertools.product(*(grid[k] for k in SETTING_KEYS))]
 
 
+def _masks(prob: np.ndarray, suv: np.ndarray, spacing: Sequence[float], grid: dict):
+    """(setting, mask) for every setting of `grid`: metrics.postprocess_mask's masks (tested
+    equal), with the components labelled once per threshold and SUV floor instead of once per
+    setting (the two component filters then only choose which labels to keep)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    for threshold in grid["threshold"]:
+        above = prob > threshold
+        for floor in grid["suv_floor"]:
+            base = above & (suv >= floor) if floor > 0 else above
+            labels, n = ndimage.label(base, structure=CONNECTIVITY_18)
+            sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
+            suvmax = np.full(n + 1, -np.inf)
+            if n:
+                suvmax[1:] = ndimage.maximum(np.asarray(suv, np.float64), labels, np.arange(1, n + 1))
+            for min_ml, min_suvmax in itertools.product(grid["min_component_ml"],
+                                                        grid["min_component_suvmax"]):
+                setting = {"threshold": threshold, "suv_floor": floor, "min_component_ml": min_ml,
+                           "min_component_suvmax": min_suvmax}
+                if not (min_ml > 0 or min_suvmax > 0) or n == 0:
+                    yield setting, base
+                    continue
+                keep = np.ones(n + 1, bool)
+                if min_ml > 0:
+                    keep &= sizes_ml >= min_ml
+                if min_suvmax > 0:
+                    keep &= suvmax >= min_suvmax
+                keep[0] = False
+                yield setting, keep[labels]
+
+
 def score_grid(studies: Sequence[tuple], grid: dict) -> list[dict]:
     """One row per setting: the setting, mean Dice (tumour studies), mean FPV (tumour-free
     studies), recall (all lesions pooled), over `studies` = [(prob, ref, suv, spacing), ...]."""
+    per_setting: dict[tuple, list] = {}
+    for prob, ref, suv, spacing in studies:
+        has = bool(np.any(ref))
+        for setting, mask in _masks(prob, suv, spacing, grid):
+            key = tuple(setting[k] for k in SETTING_KEYS)
+            per_setting.setdefault(key, []).append((has, study_scores(mask, ref, spacing)))
     rows = []
     for setting in grid_settings(grid):
-        per_study = []
-        for prob, ref, suv, spacing in studies:
-            mask = postprocess_mask(prob > setting["threshold"], spacing=spacing, suv=suv,
-                                    **{k: setting[k] for k in SETTING_KEYS[1:]})
-            per_study.append((bool(np.any(ref)), study_scores(mask, ref, spacing)))
+        per_study = per_setting[tuple(setting[k] for k in SETTING_KEYS)]
         tumour = [s for has, s in per_study if has]
         free = [s for has, s in per_study if not has]
         n_lesions = sum(s["n_lesions"] for s in tumour)
@@ -125,6 +158,7 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
         raise SystemExit(f"{summary_path} not found: evaluate the run first "
                          f"(python test.py --run_dir={run_dir})")
     settings = json.loads(summary_path.read_text())["settings"]
+    commit = runtime.git_commit()  # the code that computes this, read before the work starts
     cfg = evaluation.run_config(run_dir, cache_dir)
     device = torch.device("cpu")
     model = evaluation.load_run_model(run_dir, cfg, settings["checkpoint"], device)
@@ -137,13 +171,13 @@ def analyse(run_dir: Path, cache_dir: str | None) -> dict:
         studies.append((prob, ref > 0, suv, evaluation.scoring_grid(cached)[0]))
     chosen = {"threshold": settings["threshold"], **settings["postprocess"]}
     result = summarise(score_grid(studies, postprocess_grid(cfg.pp_thresholds)), chosen)
-    return {"run_dir": str(run_dir), "git_commit": runtime.git_commit(),
+    return {"run_dir": str(run_dir), "git_commit": commit,
             "checkpoint": settings["checkpoint"], "tta": settings["tta"], **result}
 
 
 def _line(row: dict | None, targets: dict) -> str:
     if row is None:
-        return "| none | | | | |"
+        return "| none | | | |"
     ok = meets(row, targets)
     setting = ", ".join(f"{k} {row[k]:g}" for k in SETTING_KEYS)
     mark = {k: " ✓" if v else "" for k, v in ok.items()}

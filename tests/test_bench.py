@@ -139,3 +139,31 @@ def test_pp_frontier_scores_every_setting_by_hand():
                                  "checkpoint": "best", "tta": True})
     assert "Settings that meet all three targets: 1 of 4." in text
     assert "| chosen on the validation studies (the run's evaluation) | threshold 0.5, suv_floor 0" in text
+    none_met = frontier.to_markdown({**frontier.summarise(list(rows.values()), None, {**frontier.TARGETS,
+                                     "recall": 1.1}), "run_dir": "r", "git_commit": "c",
+                                     "checkpoint": "best", "tta": False})
+    assert "Settings that meet all three targets: 0 of 4." in none_met
+    table = [line for line in none_met.splitlines() if line.startswith("| lowest FPV")]
+    assert table == ["| lowest FPV with recall >= 1.1 | none | | | |"]  # as many cells as the header
+
+
+def test_pp_frontier_masks_are_postprocess_masks():
+    """pp_frontier labels the components once per threshold and SUV floor: every setting's mask
+    must still be exactly metrics.postprocess_mask's, component filters included."""
+    import numpy as np
+    from metrics import postprocess_mask
+    frontier = load_bench("pp_frontier")
+    rng = np.random.default_rng(0)
+    prob = rng.random((24, 24, 16)) ** 3  # scattered components of many sizes
+    suv = rng.gamma(2.0, 2.0, prob.shape)
+    grid = {"threshold": (0.3, 0.6), "suv_floor": (0.0, 2.5), "min_component_ml": (0.0, 0.1, 0.3),
+            "min_component_suvmax": (0.0, 6.0, 9.0)}
+    seen = 0
+    for setting, mask in frontier._masks(prob, suv, (4.0, 4.0, 4.0), grid):
+        expected = postprocess_mask(prob > setting["threshold"], spacing=(4.0, 4.0, 4.0), suv=suv,
+                                    **{k: setting[k] for k in frontier.SETTING_KEYS[1:]})
+        assert np.array_equal(mask, expected), setting
+        seen += 1
+    assert seen == 2 * 2 * 3 * 3
+    sizes = {int(m.sum()) for _, m in frontier._masks(prob, suv, (4.0, 4.0, 4.0), grid)}
+    assert len(sizes) > 10, sizes  # the filters change the masks: the check is not vacuous
