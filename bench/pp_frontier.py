@@ -39,14 +39,16 @@ import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 from fp_by_organ import report  # noqa: E402
-from metrics import CONNECTIVITY_18, _union_bbox, match_lesions, postprocess_grid  # noqa: E402
+from metrics import (CONNECTIVITY_18, LESION_MATCH_DICE, _union_bbox, match_lesions,  # noqa: E402
+                     postprocess_grid)
 
 TARGETS = {"dice": 0.45, "fpv_ml": 1.0, "recall": 0.6}  # issue #13, the 15-minute run
 SETTING_KEYS = ("threshold", "suv_floor", "min_component_ml", "min_component_suvmax")
 
 
 def study_scores(mask: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict:
-    """Dice (tumour studies; NaN otherwise), FPV ml, lesions and detected lesions of one study,
+    """Dice (tumour studies; NaN otherwise), FPV ml, lesions and detected lesions of one study
+    from its mask (the reference _study_grid_scores is tested against),
     with metrics.case_metrics's definitions (its crop, its 18-connected matching)."""
     mask, ref = np.asarray(mask, bool), np.asarray(ref, bool)
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -70,34 +72,77 @@ def grid_settings(grid: dict) -> list[dict]:
             itertools.product(*(grid[k] for k in SETTING_KEYS))]
 
 
-def _masks(prob: np.ndarray, suv: np.ndarray, spacing: Sequence[float], grid: dict):
-    """(setting, mask) for every setting of `grid`: metrics.postprocess_mask's masks (tested
-    equal), with the components labelled once per threshold and SUV floor instead of once per
-    setting (the two component filters then only choose which labels to keep)."""
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+def _components(prob: np.ndarray, suv: np.ndarray, grid: dict):
+    """(threshold, SUV floor, labels, n, voxels per label, SUVmax per label) for each threshold
+    and floor of `grid`: the 18-connected components metrics.postprocess_mask labels (label 0 =
+    background, its size and SUVmax unused)."""
+    suv = np.asarray(suv, np.float64)
     for threshold in grid["threshold"]:
         above = prob > threshold
         for floor in grid["suv_floor"]:
             base = above & (suv >= floor) if floor > 0 else above
             labels, n = ndimage.label(base, structure=CONNECTIVITY_18)
-            sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)
             suvmax = np.full(n + 1, -np.inf)
-            if n:
-                suvmax[1:] = ndimage.maximum(np.asarray(suv, np.float64), labels, np.arange(1, n + 1))
-            for min_ml, min_suvmax in itertools.product(grid["min_component_ml"],
-                                                        grid["min_component_suvmax"]):
-                setting = {"threshold": threshold, "suv_floor": floor, "min_component_ml": min_ml,
-                           "min_component_suvmax": min_suvmax}
-                if not (min_ml > 0 or min_suvmax > 0) or n == 0:
-                    yield setting, base
-                    continue
-                keep = np.ones(n + 1, bool)
-                if min_ml > 0:
-                    keep &= sizes_ml >= min_ml
-                if min_suvmax > 0:
-                    keep &= suvmax >= min_suvmax
-                keep[0] = False
-                yield setting, keep[labels]
+            fg = labels > 0
+            np.maximum.at(suvmax, labels[fg], suv[fg])
+            yield threshold, floor, labels, n, sizes, suvmax
+
+
+def _keeps(sizes_ml: np.ndarray, suvmax: np.ndarray, grid: dict):
+    """(min_component_ml, min_component_suvmax, labels kept) for each pair of the grid's
+    component filters, as metrics.postprocess_mask keeps them (keep[0], background, False)."""
+    for min_ml, min_suvmax in itertools.product(grid["min_component_ml"], grid["min_component_suvmax"]):
+        keep = np.ones(len(sizes_ml), bool)
+        if min_ml > 0:
+            keep &= sizes_ml >= min_ml
+        if min_suvmax > 0:
+            keep &= suvmax >= min_suvmax
+        keep[0] = False
+        yield min_ml, min_suvmax, keep
+
+
+def _setting(threshold: float, floor: float, min_ml: float, min_suvmax: float) -> dict:
+    return dict(zip(SETTING_KEYS, (threshold, floor, min_ml, min_suvmax)))
+
+
+def _masks(prob: np.ndarray, suv: np.ndarray, spacing: Sequence[float], grid: dict):
+    """(setting, mask) for every setting of `grid`: metrics.postprocess_mask's masks (tested
+    equal), with the components labelled once per threshold and SUV floor."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    for threshold, floor, labels, _, sizes, suvmax in _components(prob, suv, grid):
+        for min_ml, min_suvmax, keep in _keeps(sizes * voxel_ml, suvmax, grid):
+            yield _setting(threshold, floor, min_ml, min_suvmax), keep[labels]
+
+
+def _study_grid_scores(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
+                       spacing: Sequence[float], grid: dict):
+    """(setting, study_scores of that setting's mask) for every setting (tested equal to
+    study_scores on _masks), from one overlap table of reference lesions x predicted components
+    per threshold and floor: filtering whole components neither splits nor merges any, so each
+    setting's components are a subset of those labels and its matching a subset of the table."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    ref = np.asarray(ref, bool)
+    ref_labels, n_ref = ndimage.label(ref, structure=CONNECTIVITY_18)
+    ref_sizes = np.bincount(ref_labels.ravel(), minlength=n_ref + 1)[1:]
+    n_ref_voxels = int(ref_sizes.sum())
+    for threshold, floor, labels, n, sizes, suvmax in _components(prob, suv, grid):
+        both = (ref_labels > 0) & (labels > 0)
+        overlap = np.bincount(ref_labels[both].astype(np.int64) * (n + 1) + labels[both],
+                              minlength=(n_ref + 1) * (n + 1)).reshape(n_ref + 1, n + 1)[1:, 1:]
+        dice = 2.0 * overlap / np.maximum(ref_sizes[:, None] + sizes[None, 1:], 1)  # (n_ref, n)
+        touched = overlap.sum(axis=0) > 0  # (n,): the autoPET rule, any contact
+        matched = dice >= LESION_MATCH_DICE
+        for min_ml, min_suvmax, keep in _keeps(sizes * voxel_ml, suvmax, grid):
+            k = keep[1:]
+            n_pred = int(sizes[1:][k].sum())
+            row = {"dice": float("nan"), "fpv_ml": float(sizes[1:][k & ~touched].sum()) * voxel_ml,
+                   "n_lesions": 0, "n_detected": 0}
+            if n_ref:
+                row["dice"] = 2.0 * int(overlap[:, k].sum()) / (n_pred + n_ref_voxels)
+                row["n_lesions"] = n_ref
+                row["n_detected"] = int(matched[:, k].any(axis=1).sum())
+            yield _setting(threshold, floor, min_ml, min_suvmax), row
 
 
 def score_grid(studies: Sequence[tuple], grid: dict) -> list[dict]:
@@ -106,9 +151,8 @@ def score_grid(studies: Sequence[tuple], grid: dict) -> list[dict]:
     per_setting: dict[tuple, list] = {}
     for prob, ref, suv, spacing in studies:
         has = bool(np.any(ref))
-        for setting, mask in _masks(prob, suv, spacing, grid):
-            key = tuple(setting[k] for k in SETTING_KEYS)
-            per_setting.setdefault(key, []).append((has, study_scores(mask, ref, spacing)))
+        for setting, scores in _study_grid_scores(prob, ref, suv, spacing, grid):
+            per_setting.setdefault(tuple(setting[k] for k in SETTING_KEYS), []).append((has, scores))
     rows = []
     for setting in grid_settings(grid):
         per_study = per_setting[tuple(setting[k] for k in SETTING_KEYS)]

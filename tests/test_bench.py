@@ -167,3 +167,30 @@ def test_pp_frontier_masks_are_postprocess_masks():
     assert seen == 2 * 2 * 3 * 3
     sizes = {int(m.sum()) for _, m in frontier._masks(prob, suv, (4.0, 4.0, 4.0), grid)}
     assert len(sizes) > 10, sizes  # the filters change the masks: the check is not vacuous
+
+
+def test_pp_frontier_table_scores_equal_mask_scores():
+    """The scores pp_frontier reads from one overlap table per threshold and floor are those of
+    study_scores on each setting's own mask (lesions, false positives, component filters)."""
+    import numpy as np
+    frontier = load_bench("pp_frontier")
+    rng = np.random.default_rng(1)
+    prob = rng.random((24, 24, 16)) ** 3
+    suv = rng.gamma(2.0, 2.0, prob.shape)
+    ref = np.zeros(prob.shape, bool)
+    ref[2:7, 2:7, 2:6] = ref[15:17, 15:17, 9:11] = ref[10:12, 18:20, 2:3] = True
+    prob[ref] = np.clip(prob[ref] + 0.5, 0, 1)  # lesions mostly found at the low thresholds
+    grid = {"threshold": (0.3, 0.6, 0.9), "suv_floor": (0.0, 2.5), "min_component_ml": (0.0, 0.1, 0.3),
+            "min_component_suvmax": (0.0, 6.0)}
+    spacing = (4.0, 4.0, 4.0)
+    masks = {tuple(s.values()): m for s, m in frontier._masks(prob, suv, spacing, grid)}
+    detected = set()
+    for setting, fast in frontier._study_grid_scores(prob, ref, suv, spacing, grid):
+        slow = frontier.study_scores(masks[tuple(setting.values())], ref, spacing)
+        assert fast == pytest.approx(slow), setting
+        detected.add(fast["n_detected"])
+    assert len(detected) > 1  # settings differ in what they detect: the check is not vacuous
+    free = list(frontier._study_grid_scores(prob, np.zeros_like(ref), suv, spacing, grid))
+    for setting, fast in free:
+        assert fast == pytest.approx(frontier.study_scores(masks[tuple(setting.values())],
+                                                           np.zeros_like(ref), spacing), nan_ok=True)
