@@ -147,6 +147,18 @@ def main(argv: list[str]) -> None:
            args.out)
 
 
+def run_report_main(argv: list[str], analyse, render, doc: str) -> None:
+    """The command line of the benches that analyse one evaluated run (component_filters.py,
+    pp_frontier.py): --run_dir, --cache_dir, --out; prints and writes `render(analyse(...))`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--run_dir", required=True)
+    parser.add_argument("--cache_dir", default=None, help="where the studies are prepared "
+                        "(test.py --cache_dir): for a run kept by bench/main_run.py")
+    parser.add_argument("--out", help="write the table here (.md) and the numbers beside it (.json)")
+    args = parser.parse_args(argv)
+    report(analyse(Path(args.run_dir), args.cache_dir), render, args.out)
+
+
 def report(result: dict, render, out: str | None) -> None:
     """Print `render(result)` (markdown); with `out`, write it there and the numbers beside it
     (.json)."""

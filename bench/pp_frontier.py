@@ -19,7 +19,6 @@ and where the validation choice falls. Nothing here changes a run or its evaluat
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -38,7 +37,7 @@ for folder in (ROOT, ROOT / "bench"):  # the project, and fp_by_organ's report w
 import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
-from fp_by_organ import report  # noqa: E402
+from fp_by_organ import run_report_main  # noqa: E402
 from metrics import (CONNECTIVITY_18, LESION_MATCH_DICE, _union_bbox, match_lesions,  # noqa: E402
                      postprocess_grid)
 
@@ -253,13 +252,7 @@ def to_markdown(result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run_dir", required=True)
-    parser.add_argument("--cache_dir", default=None, help="where the studies are prepared "
-                        "(test.py --cache_dir): for a run kept by bench/main_run.py")
-    parser.add_argument("--out", help="write the table here (.md) and the numbers beside it (.json)")
-    args = parser.parse_args(argv)
-    report(analyse(Path(args.run_dir), args.cache_dir), to_markdown, args.out)
+    run_report_main(argv, analyse, to_markdown, __doc__)
 
 
 if __name__ == "__main__":
