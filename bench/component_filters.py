@@ -36,7 +36,6 @@ reason a filter works or not. Nothing here changes a run or its evaluations.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -55,7 +54,7 @@ import inference  # noqa: E402
 from models import aux_outputs  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
-from fp_by_organ import run_report_main  # noqa: E402
+from fp_by_organ import evaluated_settings, run_report_main  # noqa: E402
 from metrics import (CONNECTIVITY_18, case_metrics, choose_postprocessing,  # noqa: E402
                      postprocess_mask, postprocess_objective, summarise_cohort)
 
@@ -157,11 +156,7 @@ def _test_row(test: list, name: str, cut: float, val_score: float, chosen: bool)
 
 
 def analyse(run_dir: Path, cache_dir: str | None) -> dict:
-    summary_path = run_dir / "eval" / "summary.json"
-    if not summary_path.is_file():
-        raise SystemExit(f"{summary_path} not found: evaluate the run first "
-                         f"(python test.py --run_dir={run_dir})")
-    settings = json.loads(summary_path.read_text())["settings"]
+    settings = evaluated_settings(run_dir)
     cfg = evaluation.run_config(run_dir, cache_dir)
     device = torch.device("cpu")
     model = evaluation.load_run_model(run_dir, cfg, settings["checkpoint"], device)

@@ -147,6 +147,16 @@ def main(argv: list[str]) -> None:
            args.out)
 
 
+def evaluated_settings(run_dir: Path) -> dict:
+    """The settings of a run's evaluation (`<run_dir>/eval/summary.json`: checkpoint, TTA,
+    threshold, post-processing), or a clear stop when the run has not been evaluated."""
+    summary_path = run_dir / "eval" / "summary.json"
+    if not summary_path.is_file():
+        raise SystemExit(f"{summary_path} not found: evaluate the run first "
+                         f"(python test.py --run_dir={run_dir})")
+    return json.loads(summary_path.read_text())["settings"]
+
+
 def run_report_main(argv: list[str], analyse, render, doc: str) -> None:
     """The command line of the benches that analyse one evaluated run (component_filters.py,
     pp_frontier.py): --run_dir, --cache_dir, --out; prints and writes `render(analyse(...))`."""

@@ -20,7 +20,6 @@ and where the validation choice falls. Nothing here changes a run or its evaluat
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +36,7 @@ for folder in (ROOT, ROOT / "bench"):  # the project, and fp_by_organ's report w
 import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
-from fp_by_organ import run_report_main  # noqa: E402
+from fp_by_organ import evaluated_settings, run_report_main  # noqa: E402
 from metrics import (CONNECTIVITY_18, LESION_MATCH_DICE, _union_bbox, match_lesions,  # noqa: E402
                      postprocess_grid)
 
@@ -196,11 +195,7 @@ def summarise(rows: list[dict], chosen: dict | None, targets: dict = TARGETS) ->
 
 
 def analyse(run_dir: Path, cache_dir: str | None) -> dict:
-    summary_path = run_dir / "eval" / "summary.json"
-    if not summary_path.is_file():
-        raise SystemExit(f"{summary_path} not found: evaluate the run first "
-                         f"(python test.py --run_dir={run_dir})")
-    settings = json.loads(summary_path.read_text())["settings"]
+    settings = evaluated_settings(run_dir)
     commit = runtime.git_commit()  # the code that computes this, read before the work starts
     cfg = evaluation.run_config(run_dir, cache_dir)
     device = torch.device("cpu")
