@@ -341,6 +341,20 @@ def format_summary(summary: dict[str, Any]) -> str:
 # evaluation of a run
 
 
+def component_stats(pred: np.ndarray, suv: Optional[np.ndarray] = None):
+    """18-connected components of a binary volume: (labels, n, sizes, suvmax), sizes (n + 1,)
+    voxels per label and suvmax (n + 1,) the highest SUV per label (label 0, the background,
+    and every label without `suv`: -inf), read over the foreground voxels only. The one
+    labelling postprocess_mask, postprocess_counts and bench/pp_frontier.py filter from."""
+    labels, n = ndimage.label(pred, structure=CONNECTIVITY_18)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    suvmax = np.full(n + 1, -np.inf)
+    if suv is not None and n:
+        fg = labels > 0
+        np.maximum.at(suvmax, labels[fg], np.asarray(suv, np.float64)[fg])
+    return labels, n, sizes, suvmax
+
+
 def postprocess_mask(mask: np.ndarray, *, spacing: Sequence[float], suv: Optional[np.ndarray] = None,
                      suv_floor: float = 0.0, min_component_ml: float = 0.0,
                      min_component_suvmax: float = 0.0) -> np.ndarray:
@@ -354,14 +368,11 @@ def postprocess_mask(mask: np.ndarray, *, spacing: Sequence[float], suv: Optiona
     if suv_floor > 0:
         mask = mask & (suv >= suv_floor)
     if (min_component_ml > 0 or min_component_suvmax > 0) and mask.any():
-        labels, n = ndimage.label(mask, structure=CONNECTIVITY_18)
+        labels, n, sizes, suvmax = component_stats(mask, suv if min_component_suvmax > 0 else None)
         keep = np.ones(n + 1, bool)
         if min_component_ml > 0:
-            sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * (float(np.prod(spacing)) / 1000)
-            keep &= sizes_ml >= min_component_ml
+            keep &= sizes * (float(np.prod(spacing)) / 1000) >= min_component_ml
         if min_component_suvmax > 0:
-            suvmax = np.full(n + 1, -np.inf)
-            np.maximum.at(suvmax, labels.ravel(), np.asarray(suv, np.float64).ravel())
             keep &= suvmax >= min_component_suvmax
         keep[0] = False
         mask = keep[labels]
@@ -416,11 +427,9 @@ def postprocess_counts(prob: np.ndarray, ref: np.ndarray, suv: np.ndarray,
         raw = np.asarray(prob) > threshold
         for j, floor in enumerate(grid["suv_floor"]):
             pred = raw & (suv >= floor) if floor > 0 else raw
-            labels, n = ndimage.label(pred, structure=CONNECTIVITY_18)
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            labels, n, sizes, suvmax = component_stats(pred, suv)
+            sizes = sizes[1:]
             hits = np.bincount(labels[ref], minlength=n + 1)[1:]  # tumour voxels per component
-            suvmax = np.full(n + 1, -np.inf)
-            np.maximum.at(suvmax, labels.ravel(), suv.ravel())
             for k, min_ml in enumerate(grid["min_component_ml"]):
                 for m, min_suvmax in enumerate(grid["min_component_suvmax"]):
                     keep = (sizes * voxel_ml >= min_ml) & (suvmax[1:] >= min_suvmax)

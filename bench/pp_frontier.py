@@ -37,8 +37,8 @@ import factory  # noqa: E402
 import runtime  # noqa: E402
 import test as evaluation  # noqa: E402
 from fp_by_organ import evaluated_settings, run_report_main  # noqa: E402
-from metrics import (CONNECTIVITY_18, LESION_MATCH_DICE, _union_bbox, match_lesions,  # noqa: E402
-                     postprocess_grid)
+from metrics import (CONNECTIVITY_18, LESION_MATCH_DICE, _union_bbox, component_stats,  # noqa: E402
+                     match_lesions, postprocess_grid)
 
 TARGETS = {"dice": 0.45, "fpv_ml": 1.0, "recall": 0.6}  # issue #13, the 15-minute run
 SETTING_KEYS = ("threshold", "suv_floor", "min_component_ml", "min_component_suvmax")
@@ -72,19 +72,13 @@ def grid_settings(grid: dict) -> list[dict]:
 
 def _components(prob: np.ndarray, suv: np.ndarray, grid: dict):
     """(threshold, SUV floor, labels, n, voxels per label, SUVmax per label) for each threshold
-    and floor of `grid`: the 18-connected components metrics.postprocess_mask labels (label 0 =
-    background, its size and SUVmax unused)."""
+    and floor of `grid`: metrics.component_stats of the mask before the component filters."""
     suv = np.asarray(suv, np.float64)
     for threshold in grid["threshold"]:
         above = prob > threshold
         for floor in grid["suv_floor"]:
             base = above & (suv >= floor) if floor > 0 else above
-            labels, n = ndimage.label(base, structure=CONNECTIVITY_18)
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)
-            suvmax = np.full(n + 1, -np.inf)
-            fg = labels > 0
-            np.maximum.at(suvmax, labels[fg], suv[fg])
-            yield threshold, floor, labels, n, sizes, suvmax
+            yield (threshold, floor, *component_stats(base, suv))
 
 
 def _keeps(sizes_ml: np.ndarray, suvmax: np.ndarray, grid: dict):
